@@ -1,0 +1,189 @@
+"""Result files, as ``CONVENTIONS.md`` lays them out.
+
+One HDF5 file per run, one group per method (``/ae``, ``/py4dstem``), each holding float32
+``exx, eyy, exy, theta`` of shape ``(Rx, Ry)`` and ``A`` of shape ``(Rx, Ry, 2, 2)``, plus the raw
+(un-normalised) ``A_raw`` and the ``sample`` mask so that moving the reference region later
+recomputes the maps without re-running a method. Attributes record the reference region, the
+input file, the software version, the method's settings (JSON) and the seconds taken.
+
+Writes go to a temporary file in the same folder that is renamed over the final name, so a
+crash never leaves a half-written result under the final name; adding a method to an existing
+file copies the other groups across.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..strain import StrainMaps, format_region, parse_region, strain_maps
+
+__all__ = [
+    "MethodMaps",
+    "write_results",
+    "read_results",
+    "ResultFileError",
+    "check_writable",
+    "MAP_NAMES",
+]
+
+MAP_NAMES = ("exx", "eyy", "exy", "theta")
+
+
+class ResultFileError(ValueError):
+    """A result file is missing, unreadable or does not follow the layout."""
+
+
+@dataclass
+class MethodMaps:
+    """One method's group of a result file."""
+
+    method: str
+    maps: StrainMaps
+    A_raw: np.ndarray
+    sample: np.ndarray
+    reference: str
+    symmetry_deg: float = 360.0
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    input_file: str = ""
+
+    @classmethod
+    def from_result(
+        cls, result: Any, reference: str | tuple[slice, slice], input_file: str = ""
+    ) -> MethodMaps:
+        """Build from a :class:`~napari_stem_strain.methods.base.MethodResult`."""
+        ref = reference if isinstance(reference, str) else format_region(reference)
+        maps = strain_maps(result.A, ref, result.symmetry_deg, mask=result.sample)
+        return cls(result.method, maps, np.asarray(result.A, np.float32),
+                   np.asarray(result.sample, bool), ref, result.symmetry_deg,
+                   dict(result.settings), float(result.seconds), str(input_file))
+
+    def with_reference(self, reference: str | tuple[slice, slice]) -> MethodMaps:
+        """The same result seen from another reference region (no method re-run)."""
+        ref = reference if isinstance(reference, str) else format_region(reference)
+        maps = strain_maps(self.A_raw, ref, self.symmetry_deg, mask=self.sample)
+        return MethodMaps(self.method, maps, self.A_raw, self.sample, ref, self.symmetry_deg,
+                          self.settings, self.seconds, self.input_file)
+
+
+def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> None:
+    """Fail *before* the work when the output cannot be written (missing folder, no permission,
+    not enough free space)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OSError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {path}: no permission to write in {folder}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OSError(f"cannot write {path}: the file is read-only")
+    if needed_bytes:
+        import shutil
+
+        free = shutil.disk_usage(folder).free
+        if free < needed_bytes:
+            raise OSError(
+                f"cannot write {path}: {free / 2**20:.0f} MiB free, about "
+                f"{needed_bytes / 2**20:.0f} MiB needed"
+            )
+
+
+def _write_group(h5: h5py.File, m: MethodMaps) -> None:
+    if m.method in h5:
+        del h5[m.method]
+    g = h5.create_group(m.method)
+    for name, arr in m.maps.as_dict().items():
+        g.create_dataset(name, data=np.asarray(arr, np.float32))
+    g.create_dataset("A_raw", data=np.asarray(m.A_raw, np.float32))
+    g.create_dataset("sample", data=np.asarray(m.sample, bool))
+    g.attrs["reference"] = m.reference
+    g.attrs["symmetry_deg"] = float(m.symmetry_deg)
+    g.attrs["settings"] = json.dumps(m.settings, default=str)
+    g.attrs["seconds"] = float(m.seconds)
+    g.attrs["input_file"] = m.input_file
+    g.attrs["software_version"] = f"napari-stem-strain {__version__}"
+
+
+def write_results(
+    path: str | os.PathLike, groups: list[MethodMaps], replace: bool = False
+) -> Path:
+    """Write (or add to) a result file atomically. Existing groups of other methods are kept
+    unless ``replace`` is True."""
+    path = Path(path)
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as out:
+            if path.exists() and not replace:
+                try:
+                    with h5py.File(path, "r") as old:
+                        for name in old:
+                            if name not in {g.method for g in groups}:
+                                old.copy(name, out)
+                        for k, v in old.attrs.items():
+                            out.attrs[k] = v
+                except OSError as err:
+                    raise ResultFileError(f"{path}: existing file is not readable HDF5 ({err})")
+            for m in groups:
+                _write_group(out, m)
+            if groups:
+                out.attrs["reference"] = groups[-1].reference
+                out.attrs["input_file"] = groups[-1].input_file
+            out.attrs["software_version"] = f"napari-stem-strain {__version__}"
+            out.attrs["layout"] = "napari-stem-strain results v1 (CONVENTIONS.md)"
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(path: str | os.PathLike) -> dict[str, MethodMaps]:
+    """Read every method group of a result file, validating the layout."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultFileError(f"{path}: no such result file")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise ResultFileError(f"{path}: not a readable HDF5 result file ({err})") from err
+    out: dict[str, MethodMaps] = {}
+    with h5:
+        for name, g in h5.items():
+            if not isinstance(g, h5py.Group) or "exx" not in g:
+                continue
+            missing = [k for k in (*MAP_NAMES, "A") if k not in g]
+            if missing:
+                raise ResultFileError(f"{path}: group /{name} lacks {', '.join(missing)}")
+            shape = g["exx"].shape
+            if len(shape) != 2:
+                raise ResultFileError(f"{path}: /{name}/exx is not a 2D (Rx, Ry) map")
+            for k in MAP_NAMES:
+                if g[k].shape != shape:
+                    raise ResultFileError(f"{path}: /{name}/{k} has shape {g[k].shape}, not {shape}")
+            if g["A"].shape != (*shape, 2, 2):
+                raise ResultFileError(f"{path}: /{name}/A has shape {g['A'].shape}")
+            maps = StrainMaps(*(g[k][()] for k in (*MAP_NAMES, "A")))
+            A_raw = g["A_raw"][()] if "A_raw" in g else maps.A
+            sample = g["sample"][()] if "sample" in g else np.isfinite(maps.exx)
+            ref = str(g.attrs.get("reference", h5.attrs.get("reference", "")))
+            if ref:
+                parse_region(ref)
+            settings = json.loads(g.attrs.get("settings", "{}"))
+            out[name] = MethodMaps(
+                name, maps, A_raw, sample, ref, float(g.attrs.get("symmetry_deg", 360.0)),
+                settings, float(g.attrs.get("seconds", 0.0)), str(g.attrs.get("input_file", "")),
+            )
+    if not out:
+        raise ResultFileError(f"{path}: holds no method group (/ae, /py4dstem, ...)")
+    return out

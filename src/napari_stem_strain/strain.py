@@ -1,0 +1,265 @@
+"""The one strain-maths module every method, file and widget uses.
+
+Conventions (``CONVENTIONS.md``): ``g = A g0`` maps reference Bragg vectors to measured ones,
+the real-space deformation gradient is ``F = A^-T``, and the left polar decomposition
+``F = V R`` gives the strain ``e = V - I`` (tensor shear) and the rotation ``theta``
+(degrees, counter-clockwise from +x toward +y). Everything here is pure numpy, batched over any
+leading axes, and NaN-transparent: a position whose ``A`` holds a NaN gives NaN everywhere.
+
+Why a closed form rather than ``scipy.linalg.polar``: for 2x2 matrices the rotation angle of
+the left polar decomposition is ``atan2(F10 - F01, F00 + F11)`` (the angle that makes
+``F R^T`` symmetric with positive trace), which vectorises over millions of positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "StrainMaps",
+    "SYMMETRY_DEG",
+    "rotation_matrix",
+    "strain_to_F",
+    "F_to_A",
+    "A_to_F",
+    "strain_to_A",
+    "polar_decompose",
+    "A_to_strain",
+    "reference_A",
+    "normalise_to_reference",
+    "strain_maps",
+    "wrap_angle",
+    "mae",
+    "parse_region",
+    "format_region",
+    "lattice_symmetry",
+]
+
+#: Rotation symmetry period of each lattice family, degrees.
+SYMMETRY_DEG = {"hex": 60.0, "square": 90.0, "rect": 180.0}
+
+
+@dataclass
+class StrainMaps:
+    """Strain and rotation maps of one method, already relative to the reference region.
+
+    ``exx, eyy, exy`` are dimensionless fractions, ``theta`` is in degrees wrapped into
+    ``(-symmetry_deg/2, symmetry_deg/2]``; ``A`` is the reference-normalised affine matrix.
+    """
+
+    exx: np.ndarray
+    eyy: np.ndarray
+    exy: np.ndarray
+    theta: np.ndarray
+    A: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"exx": self.exx, "eyy": self.eyy, "exy": self.exy, "theta": self.theta, "A": self.A}
+
+
+def rotation_matrix(theta_deg: np.ndarray | float) -> np.ndarray:
+    """``R = [[cos t, -sin t], [sin t, cos t]]`` (batched over the shape of ``theta_deg``)."""
+    t = np.deg2rad(np.asarray(theta_deg, dtype=np.float64))
+    c, s = np.cos(t), np.sin(t)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+
+
+def strain_to_F(exx, eyy, exy, theta_deg) -> np.ndarray:
+    """Deformation gradient ``F = V R`` from strain components and rotation (degrees)."""
+    exx, eyy, exy = (np.asarray(v, dtype=np.float64) for v in (exx, eyy, exy))
+    V = np.stack([np.stack([1 + exx, exy], -1), np.stack([exy, 1 + eyy], -1)], -2)
+    return V @ rotation_matrix(theta_deg)
+
+
+def F_to_A(F: np.ndarray) -> np.ndarray:
+    """Reciprocal-space affine ``A = F^-T`` (NaN in, NaN out)."""
+    return _inv_transpose(F)
+
+
+def A_to_F(A: np.ndarray) -> np.ndarray:
+    """Real-space deformation gradient ``F = A^-T`` (NaN in, NaN out)."""
+    return _inv_transpose(A)
+
+
+def strain_to_A(exx, eyy, exy, theta_deg) -> np.ndarray:
+    """The ``A`` a method should find for a crystal with this strain and rotation."""
+    return F_to_A(strain_to_F(exx, eyy, exy, theta_deg))
+
+
+def _inv_transpose(M: np.ndarray) -> np.ndarray:
+    M = np.asarray(M, dtype=np.float64)
+    a, b, c, d = M[..., 0, 0], M[..., 0, 1], M[..., 1, 0], M[..., 1, 1]
+    det = a * d - b * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_t = np.stack([np.stack([d, -c], -1), np.stack([-b, a], -1)], -2) / det[..., None, None]
+    inv_t[~np.isfinite(det) | (det == 0)] = np.nan
+    return inv_t
+
+
+def polar_decompose(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left polar decomposition ``F = V R`` of 2x2 matrices: returns ``(V, theta_deg)``.
+
+    Matrices with ``det F <= 0`` (a reflection, never a physical deformation) give NaN.
+    """
+    F = np.asarray(F, dtype=np.float64)
+    t = np.arctan2(F[..., 1, 0] - F[..., 0, 1], F[..., 0, 0] + F[..., 1, 1])
+    theta = np.rad2deg(t)
+    V = F @ np.swapaxes(rotation_matrix(theta), -1, -2)
+    V = 0.5 * (V + np.swapaxes(V, -1, -2))  # symmetric by construction; remove round-off
+    det = F[..., 0, 0] * F[..., 1, 1] - F[..., 0, 1] * F[..., 1, 0]
+    bad = ~(det > 0)
+    theta = np.where(bad, np.nan, theta)
+    V = np.where(bad[..., None, None], np.nan, V)
+    return V, theta
+
+
+def wrap_angle(theta_deg: np.ndarray | float, period_deg: float = 360.0) -> np.ndarray:
+    """Wrap angles into ``(-period/2, period/2]`` (NaN stays NaN)."""
+    t = np.asarray(theta_deg, dtype=np.float64)
+    half = period_deg / 2.0
+    w = np.mod(t + half, period_deg) - half  # [-half, half)
+    return np.where(w == -half, half, w)
+
+
+def A_to_strain(
+    A: np.ndarray, symmetry_deg: float = 360.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(exx, eyy, exy, theta_deg)`` from ``A`` (already relative to the reference)."""
+    V, theta = polar_decompose(A_to_F(A))
+    return (
+        V[..., 0, 0] - 1.0,
+        V[..., 1, 1] - 1.0,
+        V[..., 0, 1],
+        wrap_angle(theta, symmetry_deg),
+    )
+
+
+def parse_region(text: str) -> tuple[slice, slice]:
+    """Parse ``"r0:r1,c0:c1"`` (half-open, scan pixels) into two slices."""
+    try:
+        rows, cols = text.replace(" ", "").split(",")
+        r0, r1 = (int(v) for v in rows.split(":"))
+        c0, c1 = (int(v) for v in cols.split(":"))
+    except ValueError as err:
+        raise ValueError(
+            f"reference region {text!r} is not of the form r0:r1,c0:c1 (e.g. 0:16,0:16)"
+        ) from err
+    return slice(r0, r1), slice(c0, c1)
+
+
+def format_region(region: tuple[slice, slice]) -> str:
+    """The inverse of :func:`parse_region`."""
+    r, c = region
+    return f"{r.start}:{r.stop},{c.start}:{c.stop}"
+
+
+def _region_slices(region: tuple[slice, slice] | str) -> tuple[slice, slice]:
+    return parse_region(region) if isinstance(region, str) else region
+
+
+def reference_A(
+    A: np.ndarray, region: tuple[slice, slice] | str, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Element-wise median of ``A`` over the reference region (ignoring NaN and masked-out
+    positions).
+
+    Raises ``ValueError`` with a plain message when the region is empty, lies outside the scan
+    or holds no fitted (finite, sample) position - the three ways a user can get it wrong.
+    """
+    rs, cs = _region_slices(region)
+    Rx, Ry = A.shape[:2]
+    r0, r1, _ = rs.indices(Rx)
+    c0, c1, _ = cs.indices(Ry)
+    if r1 <= r0 or c1 <= c0:
+        raise ValueError(
+            f"reference region {format_region((rs, cs))} is empty or outside the "
+            f"{Rx}x{Ry} scan"
+        )
+    block = np.asarray(A[rs, cs], dtype=np.float64).reshape(-1, 2, 2)
+    ok = np.all(np.isfinite(block), axis=(1, 2))
+    if mask is not None:
+        ok &= np.asarray(mask[rs, cs]).reshape(-1).astype(bool)
+    if not ok.any():
+        raise ValueError(
+            f"reference region {format_region((rs, cs))} holds no fitted sample position "
+            "(all vacuum or unfitted): move it onto the crystal"
+        )
+    return np.median(block[ok], axis=0)
+
+
+def normalise_to_reference(A_raw: np.ndarray, A_ref: np.ndarray) -> np.ndarray:
+    """Express per-position ``A_raw`` relative to the reference: ``A = A_raw A_ref^-1``.
+
+    A method's raw matrix maps its own internal basis ``b`` (a learned base pattern, a
+    lattice guess) to the measured vectors, ``g = A_raw b``; the reference vectors are
+    ``g0 = A_ref b``, so ``g = A_raw A_ref^-1 g0``.
+    """
+    return np.asarray(A_raw, dtype=np.float64) @ np.linalg.inv(np.asarray(A_ref, dtype=np.float64))
+
+
+def strain_maps(
+    A_raw: np.ndarray,
+    region: tuple[slice, slice] | str,
+    symmetry_deg: float = 360.0,
+    mask: np.ndarray | None = None,
+) -> StrainMaps:
+    """Reference-normalised strain maps from a method's raw ``A`` of shape ``(Rx, Ry, 2, 2)``.
+
+    Positions outside ``mask`` (background) become NaN in every map.
+    """
+    A_raw = np.asarray(A_raw, dtype=np.float64)
+    A = normalise_to_reference(A_raw, reference_A(A_raw, region, mask))
+    if mask is not None:
+        A[~np.asarray(mask, dtype=bool)] = np.nan
+    exx, eyy, exy, theta = A_to_strain(A, symmetry_deg)
+    f32 = np.float32
+    return StrainMaps(exx.astype(f32), eyy.astype(f32), exy.astype(f32), theta.astype(f32),
+                      A.astype(f32))
+
+
+def mae(
+    estimate: np.ndarray,
+    truth: np.ndarray,
+    sample: np.ndarray,
+    period_deg: float | None = None,
+) -> float:
+    """Mean absolute error over sample positions, as ``CONVENTIONS.md`` defines it.
+
+    A sample position the method left NaN counts as an error as large as the largest true
+    magnitude of the component, so dropping hard positions never helps a score. With
+    ``period_deg`` the difference is wrapped into the symmetry period (rotation).
+    """
+    sample = np.asarray(sample, dtype=bool)
+    est = np.asarray(estimate, dtype=np.float64)[sample]
+    tru = np.asarray(truth, dtype=np.float64)[sample]
+    if tru.size == 0:
+        return float("nan")
+    diff = est - tru
+    if period_deg is not None:
+        diff = wrap_angle(diff, period_deg)
+    err = np.abs(diff)
+    penalty = float(np.nanmax(np.abs(tru))) if np.isfinite(tru).any() else 0.0
+    err = np.where(np.isfinite(err), err, penalty)
+    return float(err.mean())
+
+
+def lattice_symmetry(g1: np.ndarray, g2: np.ndarray, tol: float = 0.03) -> float:
+    """Rotation symmetry period (degrees) of the 2D lattice spanned by ``g1, g2``.
+
+    Hexagonal (equal lengths at 60/120 degrees) -> 60; square (equal, 90) -> 90; anything
+    else -> 180 (every 2D lattice has two-fold symmetry).
+    """
+    g1 = np.asarray(g1, float)
+    g2 = np.asarray(g2, float)
+    n1, n2 = np.linalg.norm(g1), np.linalg.norm(g2)
+    if not (n1 > 0 and n2 > 0):
+        return 180.0
+    equal = abs(n1 - n2) / max(n1, n2) < tol
+    cosang = abs(float(g1 @ g2) / (n1 * n2))
+    if equal and abs(cosang - 0.5) < tol:
+        return 60.0
+    if equal and cosang < tol:
+        return 90.0
+    return 180.0
