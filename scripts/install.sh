@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) and install napari-stem-strain with its test extras.
+# torch is installed first from the CPU wheel (2.13.0) so that pip never pulls a multi-GB CUDA
+# build; requirements/constraints.txt pins the versions the test suite was run with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -c requirements/constraints.txt -e ".[test]"

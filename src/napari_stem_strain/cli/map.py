@@ -1,0 +1,70 @@
+"""``stem-strain map``: strain and rotation maps by one or both methods into a result file."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .progress import ProgressBar
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "map",
+        help="map strain and rotation (CC-ST-AE, py4DSTEM or both) into a result file",
+        description="Map strain and rotation of a 4D-STEM file. Strain is relative to the median "
+        "over the reference region; background positions are NaN.",
+    )
+    p.add_argument("file", type=Path, help="4D-STEM file (any supported format)")
+    p.add_argument("--method", choices=("ae", "py4dstem", "both"), default="ae")
+    p.add_argument("--reference", metavar="r0:r1,c0:c1",
+                   help="reference region in scan pixels (half-open). Default: the simulated "
+                   "file's reference grain, else a square deep inside the sample")
+    p.add_argument("--out", type=Path, required=True, help="result HDF5 file to write")
+    p.add_argument("--model", default="default",
+                   help="CC-ST-AE model file (default: the shipped weights)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dataset", default=None, help="array inside a file holding several")
+    p.add_argument("--scan-shape", type=int, nargs=2, metavar=("RX", "RY"), default=None,
+                   help="scan shape of a 3D stack of patterns")
+    p.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run on a Dask cluster: a scheduler address or local:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io.ground_truth import read_ground_truth
+    from ..io.readers import open_dataset
+    from ..io.results import check_writable, write_results
+    from ..pipeline import compare_to_truth, run_methods
+    from ..strain import parse_region
+
+    if args.reference:
+        parse_region(args.reference)
+    check_writable(args.out)  # fail before the work, not after
+    t0 = time.perf_counter()
+    scan_shape = tuple(args.scan_shape) if args.scan_shape else None
+    with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
+        truth = read_ground_truth(args.file) if args.file.suffix.lower() in {".h5", ".hdf5"} \
+            else None
+        reference = args.reference or (truth.reference if truth is not None else None)
+        with ProgressBar("map", quiet=args.quiet, unit="pattern") as bar:
+            groups = run_methods(ds, args.method, reference=reference, model=args.model,
+                                 device=args.device, batch_size=args.batch_size, progress=bar,
+                                 dask_address=args.dask)
+    write_results(args.out, list(groups.values()))
+    seconds = time.perf_counter() - t0
+    n = ds.scan_shape[0] * ds.scan_shape[1]
+    ref = next(iter(groups.values())).reference
+    print(f"wrote {args.out} ({', '.join(groups)}; reference {ref}; {n} patterns in "
+          f"{seconds:.1f} s)")
+    if truth is not None:
+        from .compare import format_table
+
+        print(format_table(compare_to_truth(groups, truth)))
+    return 0

@@ -1,0 +1,160 @@
+"""Run one or both strain methods on a dataset and turn their output into result groups.
+
+The CLI (`stem-strain map`), the napari widgets and scripts all come through here, so the
+choice of method objects, the reference region and the dask engine live in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .io.results import MethodMaps
+from .methods.base import BlockMethod, MethodResult, ProgressCallback, StopCallback
+from .strain import format_region, parse_region
+
+__all__ = [
+    "METHODS",
+    "make_method",
+    "run_method_on",
+    "run_methods",
+    "default_reference",
+    "compare_to_truth",
+]
+
+#: Method names accepted by :func:`run_methods` (``both`` expands to all of them).
+METHODS = ("ae", "py4dstem")
+
+
+def expand_methods(methods: str | Sequence[str]) -> list[str]:
+    """``"both"`` -> every method; validate names with a plain message."""
+    if isinstance(methods, str):
+        methods = list(METHODS) if methods == "both" else [methods]
+    out = []
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}: choose from {', '.join(METHODS)} or both")
+        out.append(m)
+    return out
+
+
+def make_method(
+    name: str,
+    *,
+    model: Any = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    sample_mask: np.ndarray | None = None,
+    reference: str | None = None,
+) -> BlockMethod:
+    """Build a method object by name (imports the heavy method modules lazily)."""
+    if name == "ae":
+        from .methods.ccstae import CCSTAEMethod
+
+        return CCSTAEMethod(model=model, device=device, batch_size=batch_size,
+                            sample_mask=sample_mask, reference=reference)
+    if name == "py4dstem":
+        from .methods.py4dstem import Py4DSTEMMethod
+
+        return Py4DSTEMMethod(sample_mask=sample_mask, reference=reference)
+    raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+
+
+def run_method_on(
+    method: BlockMethod,
+    dataset: Any,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+    dask_address: str | None = None,
+) -> MethodResult:
+    """Run a prepared-or-not method in this process or on a dask cluster."""
+    if dask_address:
+        from .distributed import run_method_dask
+
+        return run_method_dask(method, dataset, dask_address, progress=progress,
+                               should_stop=should_stop)
+    from .methods.runner import run_method
+
+    return run_method(method, dataset, progress=progress, should_stop=should_stop)
+
+
+def default_reference(sample: np.ndarray, size: int | None = None) -> str:
+    """A sensible starting reference region: the square of sample positions farthest from
+    vacuum and from the scan edge (the user moves it onto the grain they trust).
+
+    ``size`` defaults to about a sixth of the smaller scan side (at least 2 positions).
+    """
+    from scipy import ndimage
+
+    sample = np.asarray(sample, dtype=bool)
+    Rx, Ry = sample.shape
+    size = size or max(2, min(Rx, Ry) // 6)
+    size = min(size, Rx, Ry)
+    if not sample.any():
+        r0, c0 = (Rx - size) // 2, (Ry - size) // 2
+        return format_region((slice(r0, r0 + size), slice(c0, c0 + size)))
+    padded = np.pad(sample, 1, constant_values=False)
+    dist = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    r0 = int(np.clip(r - size // 2, 0, Rx - size))
+    c0 = int(np.clip(c - size // 2, 0, Ry - size))
+    return format_region((slice(r0, r0 + size), slice(c0, c0 + size)))
+
+
+def run_methods(
+    dataset: Any,
+    methods: str | Sequence[str] = ("ae", "py4dstem"),
+    reference: str | None = None,
+    sample_mask: np.ndarray | None = None,
+    model: Any = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+    dask_address: str | None = None,
+) -> dict[str, MethodMaps]:
+    """Run each named method and return its result group, maps relative to ``reference``.
+
+    ``reference`` defaults to :func:`default_reference` on the first method's sample mask. ``sample_mask``
+    (True = crystal) overrides each method's own background classification.
+    """
+    names = expand_methods(methods)
+    if reference is not None:
+        parse_region(reference)
+    source = str(getattr(dataset, "source", "") or "")
+    out: dict[str, MethodMaps] = {}
+    for i, name in enumerate(names):
+        method = make_method(name, model=model, device=device, batch_size=batch_size,
+                             sample_mask=sample_mask, reference=reference)
+
+        def step(done: int, total: int, msg: str = "", _i: int = i) -> None:
+            if progress is not None:
+                progress(_i * total + done, len(names) * total, msg)
+
+        result = run_method_on(method, dataset, step, should_stop, dask_address)
+        if sample_mask is not None:
+            result.sample = np.asarray(sample_mask, bool) & result.sample
+        if reference is None:
+            reference = default_reference(result.sample)
+        out[name] = MethodMaps.from_result(result, reference, input_file=source)
+    return out
+
+
+def compare_to_truth(groups: dict[str, MethodMaps], truth: Any) -> dict[str, dict[str, float]]:
+    """MAE per method and component against a :class:`GroundTruth` (CONVENTIONS.md rules).
+
+    Strain components are dimensionless; ``theta`` is in degrees, wrapped into the lattice's
+    symmetry period.
+    """
+    from .strain import mae
+
+    table: dict[str, dict[str, float]] = {}
+    for name, g in groups.items():
+        row = {}
+        for comp in ("exx", "eyy", "exy"):
+            row[comp] = mae(getattr(g.maps, comp), getattr(truth, comp), truth.sample)
+        row["theta"] = mae(g.maps.theta, truth.theta, truth.sample, truth.symmetry_deg)
+        table[name] = row
+    return table
