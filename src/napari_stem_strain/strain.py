@@ -68,7 +68,9 @@ def rotation_matrix(theta_deg: np.ndarray | float) -> np.ndarray:
 
 def strain_to_F(exx, eyy, exy, theta_deg) -> np.ndarray:
     """Deformation gradient ``F = V R`` from strain components and rotation (degrees)."""
-    exx, eyy, exy = (np.asarray(v, dtype=np.float64) for v in (exx, eyy, exy))
+    exx, eyy, exy, theta_deg = np.broadcast_arrays(
+        *(np.asarray(v, dtype=np.float64) for v in (exx, eyy, exy, theta_deg))
+    )
     V = np.stack([np.stack([1 + exx, exy], -1), np.stack([exy, 1 + eyy], -1)], -2)
     return V @ rotation_matrix(theta_deg)
 

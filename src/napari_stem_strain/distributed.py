@@ -1,0 +1,388 @@
+"""Run a :class:`~napari_stem_strain.methods.base.BlockMethod` on a Dask cluster.
+
+The distributed engine does exactly what :func:`~napari_stem_strain.methods.runner.run_method`
+does, only the ``process_block`` calls run on dask workers:
+
+1. ``method.prepare(dataset)`` runs once, on the client, so every data-derived setting is fixed
+   before any worker sees the method;
+2. the prepared method is scattered ONCE to every worker (``broadcast=True``), not shipped with
+   each task;
+3. the scan is split into blocks of whole rows; each task receives only ``(path, dataset name,
+   r0, r1)``, opens the file itself (read-only, cached per worker process) and reads its own
+   rows - the patterns never travel through the client;
+4. the small ``(A, sample)`` of each block comes back, is assembled in scan order, and
+   ``method.finish`` runs on the client.
+
+Because a block's result does not depend on other blocks (the BlockMethod contract), the
+result is identical to the single-process runner's.
+
+Faults: tasks are submitted with ``retries`` (a task that raises is tried again); a worker
+that dies mid-run has its tasks re-run elsewhere by the scheduler; when no worker remains for
+``no_worker_timeout`` seconds, or the scheduler gives up on a task that kept killing workers,
+the run stops with one clear :class:`ClusterError` line. ``should_stop`` is polled while
+waiting; it cancels every outstanding task and raises :class:`Cancelled`.
+
+A dataset that has no file behind it (an in-memory array) still works: its blocks are read on
+the client and sent to the workers, a few at a time so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io.dataset import Dataset, rows_per_block
+from .io.errors import DataError
+from .methods.base import (
+    BlockMethod,
+    MethodResult,
+    ProgressCallback,
+    StopCallback,
+    check_stop,
+)
+
+__all__ = ["run_method_dask", "ClusterError", "DatasetRef", "parse_address", "block_ranges"]
+
+log = logging.getLogger(__name__)
+
+#: How often (s) the client wakes up to poll ``should_stop`` and the worker count.
+_POLL_S = 0.2
+
+
+class ClusterError(ConnectionError):
+    """The dask cluster cannot finish the run (unreachable, no workers left, a task that kept
+    killing workers). An ``OSError``, so the CLI prints it as one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses and blocks
+
+
+def parse_address(address: str) -> tuple[str, int | None]:
+    """``"local:N"`` -> ``("local", N)``; ``"tcp://host:port"`` (or ``host:port``) -> as is.
+
+    Raises ``ValueError`` naming the problem for anything else.
+    """
+    text = str(address).strip()
+    if text.lower().startswith("local"):
+        _, _, n = text.partition(":")
+        try:
+            workers = int(n) if n else (os.cpu_count() or 1)
+        except ValueError:
+            raise ValueError(
+                f"dask address {address!r}: expected local:N with N a whole number"
+            ) from None
+        if workers < 1:
+            raise ValueError(f"dask address {address!r}: need at least one local worker")
+        return "local", workers
+    if not text or (":" not in text and "://" not in text):
+        raise ValueError(
+            f"dask address {address!r} is neither local:N nor a scheduler address such as "
+            "tcp://host:8786"
+        )
+    return text, None
+
+
+def block_ranges(Rx: int, rows: int) -> list[tuple[int, int]]:
+    """``[(r0, r1), ...]`` covering ``0:Rx`` in blocks of ``rows`` scan rows."""
+    rows = max(1, int(rows))
+    return [(r0, min(Rx, r0 + rows)) for r0 in range(0, Rx, rows)]
+
+
+def _rows_for(dataset: Any, budget: int, n_workers: int) -> int:
+    """Rows per task: within the memory budget, and small enough that every worker gets
+    several blocks (load balance, and a lost worker costs little)."""
+    by_memory = rows_per_block(dataset.shape, budget, 4)
+    Rx = dataset.scan_shape[0]
+    by_balance = max(1, math.ceil(Rx / (4 * max(1, n_workers))))
+    return max(1, min(by_memory, by_balance))
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: open the file by path, once per worker process
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """What a worker needs to reopen the client's dataset: path, dataset name, expected shape,
+    and the file's size/mtime (so a file rewritten under the same name is reopened)."""
+
+    path: str
+    name: str
+    shape: tuple[int, int, int, int]
+    stamp: tuple[int, int]
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> DatasetRef | None:
+        """A reference when the dataset is backed by a file the workers can open, else None."""
+        source = getattr(dataset, "source", None)
+        if source is None:
+            return None
+        p = Path(source).expanduser().resolve()
+        if not p.is_file():
+            return None
+        st = p.stat()
+        return cls(str(p), str(getattr(dataset, "name", "") or ""), tuple(dataset.shape),
+                   (st.st_size, st.st_mtime_ns))
+
+    def open(self) -> Dataset:
+        """Open the file read-only on this worker, check it matches what the client saw."""
+        ds = _open_path(self.path, self.name, self.shape[:2])
+        if tuple(ds.shape) != tuple(self.shape):
+            ds.close()
+            raise DataError(
+                f"{self.path}: a dask worker sees shape {tuple(ds.shape)}, the client saw "
+                f"{tuple(self.shape)} (is the file the same on every machine?)"
+            )
+        return ds
+
+
+def _open_path(path: str, name: str, scan_shape: tuple[int, int]) -> Dataset:
+    """Open ``path`` with the project's readers; fall back to plain h5py / numpy for the
+    formats they cover while the readers module is unavailable."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not found on the dask worker (workers open the input file "
+                        "by path: it must be reachable under the same path everywhere)")
+    try:
+        from .io.readers import open_dataset
+    except ImportError:
+        open_dataset = None
+    if open_dataset is not None:
+        ds = open_dataset(path, dataset=name or None)
+        if tuple(ds.scan_shape) != tuple(scan_shape):
+            ds.close()
+            ds = open_dataset(path, dataset=name or None, scan_shape=tuple(scan_shape))
+        return ds
+    return _fallback_open(path, name)
+
+
+def _fallback_open(path: str, name: str) -> Dataset:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return Dataset(np.load(path, mmap_mode="r"), source=Path(path), name=name)
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err})") from err
+    if name:
+        if name not in f:
+            f.close()
+            raise DataError(f"{path}: has no dataset {name!r}")
+        data = f[name]
+    else:
+        found: list[Any] = []
+        f.visititems(lambda _k, v: found.append(v) if getattr(v, "ndim", 0) == 4 else None)
+        if not found:
+            f.close()
+            raise DataError(f"{path}: holds no 4D dataset")
+        data = found[0]
+    return Dataset(data, source=Path(path), name=data.name, _closers=[f])
+
+
+_CACHE: OrderedDict[DatasetRef, Dataset] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+
+
+def _worker_dataset(ref: DatasetRef) -> Dataset:
+    """The open dataset for ``ref`` in this worker process (opened on first use)."""
+    with _CACHE_LOCK:
+        ds = _CACHE.get(ref)
+        if ds is not None:
+            _CACHE.move_to_end(ref)
+            return ds
+        ds = ref.open()
+        _CACHE[ref] = ds
+        while len(_CACHE) > _CACHE_SIZE:
+            _, old = _CACHE.popitem(last=False)
+            old.close()
+        return ds
+
+
+def _block_from_file(
+    method: BlockMethod, ref: DatasetRef, r0: int, r1: int
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """One task: read rows ``r0:r1`` on the worker and run the method on them."""
+    block = _worker_dataset(ref).read_rows(r0, r1)  # h5py serialises reads itself
+    return _process(method, block, r0, r1)
+
+
+def _block_from_array(
+    method: BlockMethod, block: np.ndarray, r0: int, r1: int
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """One task of an in-memory dataset: the block arrives with the task."""
+    return _process(method, np.asarray(block, np.float32), r0, r1)
+
+
+def _process(
+    method: BlockMethod, block: np.ndarray, r0: int, r1: int
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    a, s = method.process_block(block, r0)
+    return r0, r1, np.asarray(a, np.float32), np.asarray(s, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+
+
+@contextmanager
+def _client_for(address: str, local_processes: bool) -> Iterator[Any]:
+    """A dask Client on ``address``; a ``local:N`` cluster is started and closed here."""
+    from distributed import Client, LocalCluster
+
+    where, n = parse_address(address)
+    if where == "local":
+        cluster = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=local_processes, host="127.0.0.1",
+            dashboard_address=None, silence_logs=logging.ERROR,
+        )
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+        return
+    try:
+        client = Client(where, timeout="10s")
+    except (OSError, TimeoutError) as err:
+        raise ClusterError(f"cannot reach the dask scheduler at {where} ({err})") from err
+    with client:
+        yield client
+
+
+def _n_workers(client: Any) -> int:
+    try:
+        return len(client.nthreads())
+    except Exception:  # noqa: BLE001 - a scheduler hiccup: report none, retry next poll
+        return 0
+
+
+def run_method_dask(
+    method: BlockMethod,
+    dataset: Any,
+    address: str,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+    block_bytes: int | None = None,
+    retries: int = 2,
+    *,
+    prepared: bool = False,
+    local_processes: bool = True,
+    no_worker_timeout: float = 30.0,
+) -> MethodResult:
+    """Run ``method`` over ``dataset`` on the dask cluster at ``address``.
+
+    ``address`` is ``"tcp://host:port"`` (an existing scheduler) or ``"local:N"`` (a
+    LocalCluster of N single-threaded workers on 127.0.0.1, worker processes unless
+    ``local_processes`` is False, closed afterwards). The result is identical to
+    :func:`~napari_stem_strain.methods.runner.run_method`'s.
+
+    ``progress(done_positions, total_positions, message)`` is called as blocks complete;
+    ``should_stop()`` is polled about every 0.2 s and cancels the run (:class:`Cancelled`).
+    Raises :class:`ClusterError` when the cluster cannot finish the run.
+    """
+    from distributed import wait
+    from distributed.scheduler import KilledWorker
+
+    parse_address(address)  # a bad address fails before prepare()
+    t0 = time.perf_counter()
+    if not prepared:
+        method.prepare(dataset, progress=progress, should_stop=should_stop)
+    check_stop(should_stop)
+    Rx, Ry = dataset.scan_shape
+    total = Rx * Ry
+    A = np.full((Rx, Ry, 2, 2), np.nan, np.float32)
+    sample = np.zeros((Rx, Ry), bool)
+    ref = DatasetRef.from_dataset(dataset)
+    budget = block_bytes or method.block_bytes
+
+    with _client_for(address, local_processes) as client:
+        n_workers = _wait_for_workers(client, address, no_worker_timeout, should_stop)
+        blocks = block_ranges(Rx, _rows_for(dataset, budget, n_workers))
+        method_f = client.scatter(method, broadcast=True, hash=False)
+        todo = list(reversed(blocks))
+        # A file-backed run submits every (tiny) task at once; an in-memory one sends a few
+        # blocks at a time so the client never holds more than a handful of them.
+        window = len(blocks) if ref is not None else max(2, 2 * n_workers)
+        pending: set[Any] = set()
+        done_blocks = 0
+        done_rows = 0
+        no_worker_since: float | None = None
+        try:
+            while todo or pending:
+                while todo and len(pending) < window:
+                    r0, r1 = todo.pop()
+                    if ref is not None:
+                        fut = client.submit(_block_from_file, method_f, ref, r0, r1,
+                                            retries=retries, pure=False)
+                    else:
+                        fut = client.submit(_block_from_array, method_f,
+                                            dataset.read_rows(r0, r1), r0, r1,
+                                            retries=retries, pure=False)
+                    pending.add(fut)
+                check_stop(should_stop)
+                try:
+                    finished, rest = wait(pending, timeout=_POLL_S, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    finished, rest = set(), pending
+                pending = set(rest)
+                for fut in finished:
+                    try:
+                        r0, r1, a, s = fut.result()
+                    except KilledWorker as err:
+                        raise ClusterError(
+                            f"dask: a block kept killing workers ({err}); giving up after "
+                            f"{done_blocks}/{len(blocks)} blocks"
+                        ) from err
+                    A[r0:r1] = a
+                    sample[r0:r1] = s
+                    done_blocks += 1
+                    done_rows += r1 - r0
+                    if progress is not None:
+                        progress(done_rows * Ry, total,
+                                 f"{method.name}: {done_blocks}/{len(blocks)} blocks on dask")
+                if not finished:
+                    if _n_workers(client) == 0:
+                        no_worker_since = no_worker_since or time.monotonic()
+                        if time.monotonic() - no_worker_since > no_worker_timeout:
+                            raise ClusterError(
+                                f"dask: no workers left at {address} for {no_worker_timeout:.0f}"
+                                f" s; stopped after {done_blocks}/{len(blocks)} blocks"
+                            )
+                    else:
+                        no_worker_since = None
+        except BaseException:
+            client.cancel(list(pending), force=True)
+            raise
+        finally:
+            client.cancel([method_f], force=True)
+    check_stop(should_stop)
+    return method.finish(A, sample, time.perf_counter() - t0)
+
+
+def _wait_for_workers(client: Any, address: str, timeout: float,
+                      should_stop: StopCallback | None) -> int:
+    """Number of workers, waiting up to ``timeout`` s for the first to join."""
+    t_end = time.monotonic() + timeout
+    while True:
+        n = _n_workers(client)
+        if n:
+            return n
+        check_stop(should_stop)
+        if time.monotonic() > t_end:
+            raise ClusterError(f"dask: the scheduler at {address} has no workers "
+                               f"(waited {timeout:.0f} s)")
+        time.sleep(_POLL_S)
