@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,9 @@ def _open_path(path: str, name: str, scan_shape: tuple[int, int]) -> Dataset:
         open_dataset = None
     if open_dataset is not None:
         ds = open_dataset(path, dataset=name or None)
-        if tuple(ds.scan_shape) != tuple(scan_shape):
+        same_positions = int(np.prod(ds.scan_shape)) == int(np.prod(scan_shape))
+        if tuple(ds.scan_shape) != tuple(scan_shape) and same_positions:
+            # the client re-shaped the scan (a 3D stack, or scan_shape given): do the same
             ds.close()
             ds = open_dataset(path, dataset=name or None, scan_shape=tuple(scan_shape))
         return ds
@@ -239,7 +242,8 @@ def _process(
 
 
 @contextmanager
-def _client_for(address: str, local_processes: bool) -> Iterator[Any]:
+def _client_for(address: str, local_processes: bool, connect_timeout: float
+                ) -> Iterator[Any]:
     """A dask Client on ``address``; a ``local:N`` cluster is started and closed here."""
     from distributed import Client, LocalCluster
 
@@ -247,7 +251,7 @@ def _client_for(address: str, local_processes: bool) -> Iterator[Any]:
     if where == "local":
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=1, processes=local_processes, host="127.0.0.1",
-            dashboard_address=None, silence_logs=logging.ERROR,
+            protocol="tcp://", dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
         )
         try:
             with Client(cluster) as client:
@@ -256,7 +260,7 @@ def _client_for(address: str, local_processes: bool) -> Iterator[Any]:
             cluster.close()
         return
     try:
-        client = Client(where, timeout="10s")
+        client = Client(where, timeout=f"{connect_timeout}s")
     except (OSError, TimeoutError) as err:
         raise ClusterError(f"cannot reach the dask scheduler at {where} ({err})") from err
     with client:
@@ -282,6 +286,7 @@ def run_method_dask(
     prepared: bool = False,
     local_processes: bool = True,
     no_worker_timeout: float = 30.0,
+    connect_timeout: float = 10.0,
 ) -> MethodResult:
     """Run ``method`` over ``dataset`` on the dask cluster at ``address``.
 
@@ -294,9 +299,6 @@ def run_method_dask(
     ``should_stop()`` is polled about every 0.2 s and cancels the run (:class:`Cancelled`).
     Raises :class:`ClusterError` when the cluster cannot finish the run.
     """
-    from distributed import wait
-    from distributed.scheduler import KilledWorker
-
     parse_address(address)  # a bad address fails before prepare()
     t0 = time.perf_counter()
     if not prepared:
@@ -309,72 +311,128 @@ def run_method_dask(
     ref = DatasetRef.from_dataset(dataset)
     budget = block_bytes or method.block_bytes
 
-    with _client_for(address, local_processes) as client:
-        n_workers = _wait_for_workers(client, address, no_worker_timeout, should_stop)
+    with _client_for(address, local_processes, connect_timeout) as client:
+        n_workers = _wait_for_workers(client, address, no_worker_timeout, should_stop,
+                                      "has no workers")
         blocks = block_ranges(Rx, _rows_for(dataset, budget, n_workers))
-        method_f = client.scatter(method, broadcast=True, hash=False)
-        todo = list(reversed(blocks))
-        # A file-backed run submits every (tiny) task at once; an in-memory one sends a few
-        # blocks at a time so the client never holds more than a handful of them.
-        window = len(blocks) if ref is not None else max(2, 2 * n_workers)
-        pending: set[Any] = set()
-        done_blocks = 0
-        done_rows = 0
-        no_worker_since: float | None = None
+        run = _BlockRun(client, method, dataset, ref, retries, address, no_worker_timeout,
+                        should_stop)
         try:
-            while todo or pending:
-                while todo and len(pending) < window:
-                    r0, r1 = todo.pop()
-                    if ref is not None:
-                        fut = client.submit(_block_from_file, method_f, ref, r0, r1,
-                                            retries=retries, pure=False)
-                    else:
-                        fut = client.submit(_block_from_array, method_f,
-                                            dataset.read_rows(r0, r1), r0, r1,
-                                            retries=retries, pure=False)
-                    pending.add(fut)
-                check_stop(should_stop)
-                try:
-                    finished, rest = wait(pending, timeout=_POLL_S, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    finished, rest = set(), pending
-                pending = set(rest)
-                for fut in finished:
-                    try:
-                        r0, r1, a, s = fut.result()
-                    except KilledWorker as err:
-                        raise ClusterError(
-                            f"dask: a block kept killing workers ({err}); giving up after "
-                            f"{done_blocks}/{len(blocks)} blocks"
-                        ) from err
-                    A[r0:r1] = a
-                    sample[r0:r1] = s
-                    done_blocks += 1
-                    done_rows += r1 - r0
-                    if progress is not None:
-                        progress(done_rows * Ry, total,
-                                 f"{method.name}: {done_blocks}/{len(blocks)} blocks on dask")
-                if not finished:
-                    if _n_workers(client) == 0:
-                        no_worker_since = no_worker_since or time.monotonic()
-                        if time.monotonic() - no_worker_since > no_worker_timeout:
-                            raise ClusterError(
-                                f"dask: no workers left at {address} for {no_worker_timeout:.0f}"
-                                f" s; stopped after {done_blocks}/{len(blocks)} blocks"
-                            )
-                    else:
-                        no_worker_since = None
-        except BaseException:
-            client.cancel(list(pending), force=True)
-            raise
+            done_rows = 0
+            for i, (r0, r1, a, s) in enumerate(run.results(blocks, n_workers), 1):
+                A[r0:r1] = a
+                sample[r0:r1] = s
+                done_rows += r1 - r0
+                if progress is not None:
+                    progress(done_rows * Ry, total,
+                             f"{method.name}: {i}/{len(blocks)} blocks on dask")
         finally:
-            client.cancel([method_f], force=True)
+            run.release()
     check_stop(should_stop)
     return method.finish(A, sample, time.perf_counter() - t0)
 
 
+class _BlockRun:
+    """Submits blocks, yields their results as they complete, and repairs what the cluster
+    loses: blocks whose task was dropped (e.g. every worker holding the scattered method died)
+    are resubmitted with a freshly scattered method, up to ``retries + 1`` times each."""
+
+    def __init__(self, client: Any, method: BlockMethod, dataset: Any, ref: DatasetRef | None,
+                 retries: int, address: str, no_worker_timeout: float,
+                 should_stop: StopCallback | None) -> None:
+        self.client = client
+        self.method = method
+        self.dataset = dataset
+        self.ref = ref
+        self.retries = max(0, int(retries))
+        self.address = address
+        self.no_worker_timeout = no_worker_timeout
+        self.should_stop = should_stop
+        self.method_f: Any = client.scatter(method, broadcast=True, hash=False)
+        self.pending: dict[Any, tuple[int, int]] = {}
+        self.resubmits: dict[tuple[int, int], int] = {}
+
+    def submit(self, r0: int, r1: int) -> None:
+        if self.method_f.status != "finished":  # the scattered copy was lost with its workers
+            _wait_for_workers(self.client, self.address, self.no_worker_timeout,
+                              self.should_stop, "has no workers left")
+            self.method_f = self.client.scatter(self.method, broadcast=True, hash=False)
+        if self.ref is not None:
+            fut = self.client.submit(_block_from_file, self.method_f, self.ref, r0, r1,
+                                     retries=self.retries, pure=False)
+        else:
+            fut = self.client.submit(_block_from_array, self.method_f,
+                                     self.dataset.read_rows(r0, r1), r0, r1,
+                                     retries=self.retries, pure=False)
+        self.pending[fut] = (r0, r1)
+
+    def results(self, blocks: list[tuple[int, int]], n_workers: int
+                ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """``(r0, r1, A, sample)`` of every block, in completion order."""
+        from distributed import wait
+        from distributed.scheduler import KilledWorker
+
+        todo = list(reversed(blocks))
+        # A file-backed run submits every (tiny) task at once; an in-memory one sends a few
+        # blocks at a time so the client never holds more than a handful of them.
+        window = len(blocks) if self.ref is not None else max(2, 2 * n_workers)
+        no_worker_since: float | None = None
+        n_done = 0
+        while todo or self.pending:
+            while todo and len(self.pending) < window:
+                self.submit(*todo.pop())
+            check_stop(self.should_stop)
+            try:
+                wait(list(self.pending), timeout=_POLL_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            except CancelledError:
+                pass  # a task was dropped by the cluster: handled below, by status
+            finished = [f for f in self.pending if f.status != "pending"]
+            for fut in finished:
+                r0, r1 = self.pending.pop(fut)
+                if fut.status == "finished":
+                    n_done += 1
+                    yield fut.result()
+                elif fut.status == "error":
+                    try:
+                        fut.result()
+                    except KilledWorker as err:
+                        raise ClusterError(
+                            f"dask: the block of rows {r0}:{r1} kept killing workers; "
+                            f"stopped after {n_done}/{len(blocks)} blocks"
+                        ) from err
+                else:  # cancelled or lost by the cluster
+                    self.resubmits[(r0, r1)] = self.resubmits.get((r0, r1), 0) + 1
+                    if self.resubmits[(r0, r1)] > self.retries + 1:
+                        raise ClusterError(
+                            f"dask: the cluster lost the block of rows {r0}:{r1} "
+                            f"{self.resubmits[(r0, r1)]} times; stopped after "
+                            f"{n_done}/{len(blocks)} blocks"
+                        )
+                    self.submit(r0, r1)
+            if finished:
+                no_worker_since = None
+            elif _n_workers(self.client) == 0:
+                no_worker_since = no_worker_since or time.monotonic()
+                if time.monotonic() - no_worker_since > self.no_worker_timeout:
+                    raise ClusterError(
+                        f"dask: no workers left at {self.address} for "
+                        f"{self.no_worker_timeout:.0f} s; stopped after "
+                        f"{n_done}/{len(blocks)} blocks"
+                    )
+
+    def release(self) -> None:
+        """Cancel whatever is still running and drop the scattered method."""
+        try:
+            self.client.cancel([*self.pending, self.method_f], force=True)
+        except Exception:  # noqa: BLE001 - the client may already be closing
+            pass
+        self.pending.clear()
+
+
 def _wait_for_workers(client: Any, address: str, timeout: float,
-                      should_stop: StopCallback | None) -> int:
+                      should_stop: StopCallback | None, what: str) -> int:
     """Number of workers, waiting up to ``timeout`` s for the first to join."""
     t_end = time.monotonic() + timeout
     while True:
@@ -383,6 +441,6 @@ def _wait_for_workers(client: Any, address: str, timeout: float,
             return n
         check_stop(should_stop)
         if time.monotonic() > t_end:
-            raise ClusterError(f"dask: the scheduler at {address} has no workers "
+            raise ClusterError(f"dask: the scheduler at {address} {what} "
                                f"(waited {timeout:.0f} s)")
         time.sleep(_POLL_S)

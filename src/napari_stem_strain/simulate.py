@@ -5,8 +5,8 @@ and unrotated, every other grain carries a random mean strain (``exx, eyy, exy``
 ``+-max_strain``) and rotation (uniform in ``+-max_rotation`` degrees) plus a smooth variation
 inside the grain. Optionally a vacuum region (no crystal) covers an edge of the scan.
 
-Per scan position the deformation gives ``F = V R`` (:func:`~napari_stem_strain.strain.strain_to_F`),
-``A = F^-T`` and the Bragg vectors ``g = A g0`` of the reference reciprocal lattice ``g0``
+Per scan position the deformation gives ``F = V R`` (``strain.strain_to_F``), ``A = F^-T``
+and the Bragg vectors ``g = A g0`` of the reference reciprocal lattice ``g0``
 (hexagonal WS2-like with alternating strong/weak first-order spots, square, or rectangular).
 Each pattern is a soft-edged direct-beam disk at the (descan-drifting) beam centre plus Bragg
 disks at ``centre + g`` whose intensity falls with ``|g|``, varies smoothly from position to
@@ -31,11 +31,14 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from scipy import ndimage
 
@@ -49,6 +52,7 @@ __all__ = [
     "simulate_truth",
     "simulate_array",
     "simulate_to_file",
+    "iter_blocks",
     "reciprocal_basis",
     "estimate_file_bytes",
     "LATTICES",
@@ -118,7 +122,9 @@ class SimulationSettings:
     #: Fraction of scan positions that are vacuum when ``vacuum`` is set.
     vacuum_fraction: float = 0.18
     #: How much larger than the others the reference grain is (Voronoi distance weight).
-    reference_weight: float = 1.6
+    reference_weight: float = 1.3
+    #: Grain-to-grain variation of the overall scattering strength (``+-grain_contrast``).
+    grain_contrast: float = 0.25
     #: Scan step (nm) recorded as the real-space calibration.
     scan_step: float = 1.0
 
@@ -178,6 +184,8 @@ class SimulationSettings:
             raise ValueError(f"edge width must be positive, not {self.edge_width}")
         if not 0 <= self.vacuum_fraction <= 0.5:
             raise ValueError(f"vacuum fraction must be in [0, 0.5], not {self.vacuum_fraction}")
+        if not 0 <= self.grain_contrast < 1:
+            raise ValueError(f"grain contrast must be in [0, 1), not {self.grain_contrast}")
         if not self.reference_weight >= 1:
             raise ValueError(f"reference weight must be >= 1, not {self.reference_weight}")
         if not self.rect_ratio > 0:
@@ -405,13 +413,18 @@ class Simulator:
         g_idx = np.maximum(self.grains, 0)
         dyn = (1 + s.dynamical * smooth) * (1 + 0.5 * s.dynamical * per_grain[g_idx])
         dyn = np.clip(dyn, 0.05, None)
-        bragg = s.bragg_intensity * base[None, None, :] * dyn[..., 1:]
-        self.bragg_amp = np.where(self.sample[..., None], bragg, 0.0).astype(np.float32)
-        # direct beam: 1 in vacuum; in crystal a little weaker, varying with thickness/orientation
-        direct = 0.85 * (1 + 0.5 * s.dynamical * smooth[..., 0])
-        self.direct_amp = np.where(self.sample, direct, 1.0).astype(np.float32)
         ang = rng.uniform(0, 2 * math.pi, size=(n, nref))
         self.disk_grad = s.disk_gradient * np.stack([np.cos(ang), np.sin(ang)], -1)  # (n,nref,2)
+        # each grain scatters more or less as a whole (thickness, zone-axis tilt): the contrast
+        # between grains that virtual dark-field images show; the reference grain is nominal
+        strength = 1 + rng.uniform(-s.grain_contrast, s.grain_contrast, size=n)
+        strength[0] = 1.0
+        k = strength[g_idx]
+        bragg = s.bragg_intensity * base[None, None, :] * dyn[..., 1:] * k[..., None]
+        self.bragg_amp = np.where(self.sample[..., None], bragg, 0.0).astype(np.float32)
+        # direct beam: 1 in vacuum; in crystal weaker, the more so the more the grain scatters
+        direct = 0.85 * (1 + 0.5 * s.dynamical * smooth[..., 0]) * (1 - 0.5 * (k - 1))
+        self.direct_amp = np.where(self.sample, direct, 1.0).astype(np.float32)
 
         # background: broad falloff around the beam, an amorphous ring, and a few smooth
         # detector-space structures whose weights vary slowly over the scan
@@ -426,6 +439,7 @@ class Simulator:
         self.bg_ring_r = 0.8 * s.g_length
         self.bg_ring_w = 0.2 * s.g_length
         self.bg_ring_amp = 0.3
+        self._radial_cache: dict[tuple[int, int], np.ndarray] = {}
 
         R, w = s.disk_radius, s.edge_width
         self._h = int(math.ceil(R + 4 * w)) + 1
@@ -444,12 +458,14 @@ class Simulator:
         Q = s.pattern
         N = (r1 - r0) * Ry
         h, pad = self._h, self._pad
-        buf = np.zeros((N, Q + 2 * pad, Q + 2 * pad), np.float32)
+        S = Q + 2 * pad
+        buf = np.zeros((N, S, S), np.float32)
+        flat_buf = buf.reshape(-1)
         centre = self.center[r0:r1].reshape(N, 2)
         A = self._A_render[r0:r1].reshape(N, 2, 2)
-        offs = np.arange(-h, h + 1, dtype=np.float64)
+        offs = np.arange(-h, h + 1, dtype=np.int64)
         R = np.float32(s.disk_radius)
-        inv_w = np.float32(1.0 / s.edge_width)
+        two_inv_w = np.float32(2.0 / s.edge_width)
 
         def add(c: np.ndarray, amp: np.ndarray, grad: np.ndarray | None) -> None:
             ok = (amp > 0) & np.all((c >= -h) & (c <= Q - 1 + h), axis=1)
@@ -458,17 +474,22 @@ class Simulator:
                 return
             cs = c[sel]
             ci = np.rint(cs).astype(np.int64)
-            px = ci[:, 0, None] + offs.astype(np.int64)  # (M, P)
-            py = ci[:, 1, None] + offs.astype(np.int64)
+            px = ci[:, 0, None] + offs  # (M, P)
+            py = ci[:, 1, None] + offs
             dx = (px - cs[:, 0, None]).astype(np.float32)
             dy = (py - cs[:, 1, None]).astype(np.float32)
             r = np.sqrt(dx[:, :, None] ** 2 + dy[:, None, :] ** 2)
-            prof = 0.5 - 0.5 * np.tanh((r - R) * inv_w)
+            # soft edge 0.5 (1 - tanh((r - R) / w)) written as a logistic (faster, identical)
+            z = (r - R) * two_inv_w
+            np.minimum(z, 60.0, out=z)
+            prof = 1.0 / (1.0 + np.exp(z))
             prof *= amp[sel, None, None]
             if grad is not None:
                 gs = grad[sel].astype(np.float32) / R
-                prof *= 1 + gs[:, 0, None, None] * dx[:, :, None] + gs[:, 1, None, None] * dy[:, None, :]
-            buf[sel[:, None, None], px[:, :, None] + pad, py[:, None, :] + pad] += prof
+                prof *= (1 + gs[:, 0, None, None] * dx[:, :, None]
+                         + gs[:, 1, None, None] * dy[:, None, :])
+            flat = ((sel * S)[:, None] + px + pad)[:, :, None] * S + (py + pad)[:, None, :]
+            flat_buf[flat] += prof
 
         add(centre, self.direct_amp[r0:r1].reshape(N), None)
         g = np.einsum("nij,kj->nki", A, self.g0)  # (N, nref, 2)
@@ -480,24 +501,34 @@ class Simulator:
         out = buf[:, pad:pad + Q, pad:pad + Q]
         return np.ascontiguousarray(out).reshape(r1 - r0, Ry, Q, Q)
 
+    def _radial(self, key: tuple[int, int]) -> np.ndarray:
+        """Beam-centred part of the background (broad falloff + amorphous ring) for a beam
+        centre quantised to 1/4 pixel; cached, since the descan visits few such centres."""
+        prof = self._radial_cache.get(key)
+        if prof is None:
+            Q = self.settings.pattern
+            q = np.arange(Q, dtype=np.float64)
+            r2 = (q[:, None] - key[0] / 4.0) ** 2 + (q[None, :] - key[1] / 4.0) ** 2
+            x = 1.0 / (1.0 + r2 / self.bg_r0**2)
+            ring = np.exp(-0.5 * ((np.sqrt(r2) - self.bg_ring_r) / self.bg_ring_w) ** 2)
+            prof = (x * np.sqrt(x) + self.bg_ring_amp * ring).astype(np.float32)
+            self._radial_cache[key] = prof
+        return prof
+
     def background_rows(self, r0: int, r1: int) -> np.ndarray:
-        """The un-normalised diffuse background ``B`` of rows ``r0:r1`` (float32)."""
+        """The un-normalised diffuse background ``B`` of rows ``r0:r1`` (float32): a broad
+        falloff and a faint amorphous ring around the beam, modulated by a few smooth
+        detector-space structures whose weights drift slowly over the scan."""
         s = self.settings
         Ry, Q = s.scan[1], s.pattern
         N = (r1 - r0) * Ry
-        c = self.center[r0:r1].reshape(N, 2).astype(np.float32)
-        q = np.arange(Q, dtype=np.float32)
-        dx2 = (q[None, :] - c[:, 0, None]) ** 2
-        dy2 = (q[None, :] - c[:, 1, None]) ** 2
-        r2 = dx2[:, :, None] + dy2[:, None, :]
-        x = 1.0 / (1.0 + r2 * np.float32(1.0 / self.bg_r0**2))
-        B = x * np.sqrt(x)
-        r = np.sqrt(r2)
-        B += np.float32(self.bg_ring_amp) * np.exp(
-            -0.5 * ((r - np.float32(self.bg_ring_r)) * np.float32(1 / self.bg_ring_w)) ** 2)
+        keys = np.rint(self.center[r0:r1].reshape(N, 2) * 4).astype(np.int64)
         wts = self.bg_weights[r0:r1].reshape(N, -1)
-        mod = 1.0 + np.tensordot(wts, self.bg_struct, axes=(1, 0))
-        B *= np.clip(mod, 0.1, None)
+        B = (wts @ self.bg_struct.reshape(len(self.bg_struct), -1)).reshape(N, Q, Q)
+        B += 1.0
+        np.maximum(B, 0.1, out=B)
+        for n in range(N):
+            B[n] *= self._radial((int(keys[n, 0]), int(keys[n, 1])))
         return B.reshape(r1 - r0, Ry, Q, Q)
 
     def render_rows(self, r0: int, r1: int) -> np.ndarray:
@@ -549,22 +580,70 @@ def simulate_truth(settings: SimulationSettings | None = None) -> tuple[GroundTr
     return sim.truth, sim.A
 
 
-def simulate_array(settings: SimulationSettings | None = None) -> tuple[np.ndarray, GroundTruth]:
+def simulate_array(
+    settings: SimulationSettings | None = None, workers: int | None = None
+) -> tuple[np.ndarray, GroundTruth]:
     """A small in-memory dataset ``(Rx, Ry, Q, Q)`` float32 (counts when ``dose`` is set) and
-    its ground truth."""
+    its ground truth. ``workers`` threads render blocks of rows in parallel (default: the
+    CPU count, at most 8); the result does not depend on it."""
     sim = Simulator(settings)
-    Rx = sim.settings.scan[0]
     data = np.empty(sim.shape, np.float32)
-    step = _rows_per_block(sim.settings)
-    for r0 in range(0, Rx, step):
-        r1 = min(Rx, r0 + step)
-        data[r0:r1] = sim.render_rows(r0, r1)
+    for r0, r1, block in iter_blocks(sim, workers):
+        data[r0:r1] = block
     return data, sim.truth
 
 
 def _rows_per_block(s: SimulationSettings) -> int:
-    """Rows rendered together: about 512 patterns, at least one row."""
-    return max(1, 512 // max(1, s.scan[1]))
+    """Rows rendered together: about 256 patterns, at least one row."""
+    return max(1, 256 // max(1, s.scan[1]))
+
+
+def _default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def iter_blocks(
+    sim: Simulator, workers: int | None = None, should_stop: StopCallback | None = None
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(r0, r1, patterns)`` for consecutive blocks of scan rows, in order, rendered by
+    ``workers`` threads (numpy releases the GIL in the heavy loops) with at most a couple of
+    blocks per thread in flight, so memory stays bounded. ``should_stop`` is polled before
+    each block is handed out and raises :class:`~napari_stem_strain.methods.base.Cancelled`."""
+    from .methods.base import check_stop
+
+    Rx = sim.settings.scan[0]
+    step = _rows_per_block(sim.settings)
+    starts = list(range(0, Rx, step))
+    workers = _default_workers() if workers is None else max(1, int(workers))
+    if workers == 1 or len(starts) == 1:
+        for r0 in starts:
+            check_stop(should_stop)
+            r1 = min(Rx, r0 + step)
+            yield r0, r1, sim.render_rows(r0, r1)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simulate") as ex:
+        pending: deque = deque()
+        it = iter(starts)
+        try:
+            while True:
+                while len(pending) < 2 * workers:
+                    r0 = next(it, None)
+                    if r0 is None:
+                        break
+                    r1 = min(Rx, r0 + step)
+                    pending.append((r0, r1, ex.submit(sim.render_rows, r0, r1)))
+                if not pending:
+                    return
+                check_stop(should_stop)
+                r0, r1, fut = pending.popleft()
+                yield r0, r1, fut.result()
+        finally:
+            for *_, fut in pending:
+                fut.cancel()
 
 
 def _file_dtype(sim: Simulator) -> np.dtype:
@@ -587,6 +666,7 @@ def simulate_to_file(
     progress: ProgressCallback | None = None,
     should_stop: StopCallback | None = None,
     compression: str | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Simulate a dataset straight to an HDF5 file, one block of scan rows at a time.
 
@@ -594,7 +674,9 @@ def simulate_to_file(
     dose, float32 without) with calibration and settings attributes, and ``/ground_truth``.
     The file is written under a temporary name in the same folder and renamed when complete,
     so a crash or cancel never leaves a half-written file under ``path``. ``compression`` may
-    be ``None``, ``"gzip"`` or ``"lzf"``.
+    be ``None``, ``"gzip"`` or ``"lzf"``; ``workers`` threads render rows in parallel (the data
+    do not depend on it). ``progress(done, total, message)`` counts scan positions;
+    ``should_stop()`` is polled between blocks and raises ``Cancelled``.
     """
     from .io.results import check_writable
     from .methods.base import check_stop
@@ -621,7 +703,8 @@ def simulate_to_file(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
-        with h5py_file(tmp) as h5:
+        _chmod_like_new_file(tmp)
+        with h5py.File(tmp, "w") as h5:
             dset = h5.create_dataset("data", shape=(Rx, Ry, Q, Q), dtype=dtype,
                                      chunks=(1, Ry, Q, Q), **comp_kw)
             a = dset.attrs
@@ -641,19 +724,16 @@ def simulate_to_file(
                 f"(noise {s.noise}, dose {s.dose})"
             )
             h5.attrs["simulation_settings"] = s.to_json()
-            step = _rows_per_block(s)
             total = Rx * Ry
             if progress is not None:
                 progress(0, total, "simulating")
-            for r0 in range(0, Rx, step):
-                check_stop(should_stop)
-                r1 = min(Rx, r0 + step)
-                block = sim.render_rows(r0, r1)
+            for r0, r1, block in iter_blocks(sim, workers, should_stop):
                 if info is not None:
                     np.minimum(block, info, out=block)
                 dset[r0:r1] = block.astype(dtype)
                 if progress is not None:
                     progress(r1 * Ry, total, f"{r1}/{Rx} rows")
+            check_stop(should_stop)
             h5.attrs["seconds"] = time.perf_counter() - t0
         os.replace(tmp, path)
     except BaseException:
@@ -662,10 +742,11 @@ def simulate_to_file(
     return path
 
 
-def h5py_file(path: str | os.PathLike):  # small indirection so tests can inspect the temp file
-    import h5py
-
-    return h5py.File(path, "w")
-
-
-_ = field  # keep dataclasses.field importable for subclasses of the settings
+def _chmod_like_new_file(path: str) -> None:
+    """mkstemp creates 0600 files; give the result the permissions a plain new file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass

@@ -2,5 +2,13 @@
 
 from .dataset import Calibration, Dataset
 from .errors import DataError
+from .readers import SUPPORTED_SUFFIXES, list_4d_arrays, open_dataset
 
-__all__ = ["Calibration", "Dataset", "DataError"]
+__all__ = [
+    "Calibration",
+    "Dataset",
+    "DataError",
+    "SUPPORTED_SUFFIXES",
+    "list_4d_arrays",
+    "open_dataset",
+]

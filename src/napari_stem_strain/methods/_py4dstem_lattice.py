@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LatticeFit", "find_basis", "fit_lattice", "index_pattern", "reduce_basis"]
+__all__ = [
+    "LatticeFit",
+    "IndexResult",
+    "find_basis",
+    "fit_lattice",
+    "index_pattern",
+    "reduce_basis",
+]
 
 
 @dataclass
@@ -37,6 +44,19 @@ class LatticeFit:
     def G(self) -> np.ndarray:
         """``[g1 g2]`` as columns."""
         return np.stack([self.g1, self.g2], axis=1)
+
+
+@dataclass
+class IndexResult:
+    """Outcome of indexing one pattern.
+
+    ``fit`` is ``None`` when the pattern could not be fitted. ``signal`` is the correlation
+    intensity of the disks on the best-rotated lattice relative to the direct beam: near zero in
+    vacuum (only noise maxima, which rarely sit on lattice sites), clearly positive in crystal,
+    whatever the diffuse background - the feature that tells vacuum from crystal."""
+
+    fit: LatticeFit | None
+    signal: float
 
 
 def reduce_basis(g1: np.ndarray, g2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,18 +167,22 @@ def index_pattern(
     min_peaks: int = 4,
     step_deg: float = 1.0,
     max_strain: float = 0.25,
-) -> LatticeFit | None:
+    max_rms: float | None = None,
+) -> IndexResult:
     """Index one pattern's disks (absolute detector px) against ``basis`` (columns ``b1, b2``)
     at whatever rotation fits best, and least-squares fit its lattice. ``None`` when the pattern
     cannot be fitted (too few disks indexed, or a lattice further than ``max_strain`` from the
-    basis, which would be a mis-indexing rather than a strain).
+    basis, which would be a mis-indexing rather than a strain), with the lattice signal.
 
-    The strongest disk is taken as the direct beam (the CONVENTIONS.md origin).
+    The strongest disk is taken as the direct beam (the CONVENTIONS.md origin). ``max_rms``
+    (default ``0.15 tol``) bounds the fit's rms residual: real disks sit on their sites to a
+    fraction of a pixel, while noise maxima that happen to index give loose fits.
     """
+    max_rms = 0.15 * tol if max_rms is None else max_rms
     peaks = np.asarray(peaks, float)
     inten = np.asarray(intensity, float)
-    if len(peaks) < min_peaks + 1:
-        return None
+    if len(peaks) < 2:
+        return IndexResult(None, 0.0)
     centre = peaks[np.argmax(inten)]
     d = peaks - centre
     is_centre = np.arange(len(d)) == np.argmax(inten)
@@ -174,6 +198,10 @@ def index_pattern(
     soft[np.all(hk == 0, axis=2)] = 0.0
     best = int(np.argmax(soft.sum(axis=1)))
     G = Gs[best]
+    top = float(inten[is_centre][0])
+    signal = float(np.sum(soft[best] * inten[~is_centre])) / top if top > 0 else 0.0
+    if len(peaks) < min_peaks + 1:
+        return IndexResult(None, signal)
 
     # 2. alternate indexing and least squares (weights: correlation intensity, capped so the
     #    direct beam does not swamp the Bragg disks)
@@ -187,7 +215,7 @@ def index_pattern(
         hk, keep = _assign(peaks - origin, G, tol, inten)
         n_bragg = int((keep & np.any(hk != 0, axis=1)).sum())
         if n_bragg < min_peaks or np.linalg.matrix_rank(hk[keep]) < 2:
-            return None
+            return IndexResult(None, signal)
         g1, g2, origin = fit_lattice(peaks[keep], hk[keep], w_all[keep])
         G = np.stack([g1, g2], axis=1)
         res = peaks[keep] - origin - hk[keep] @ G.T
@@ -195,11 +223,11 @@ def index_pattern(
         if prev_keep is not None and np.array_equal(keep, prev_keep):
             break
         prev_keep = keep
-    if fit is None:
-        return None
+    if fit is None or fit.rms > max_rms:
+        return IndexResult(None, signal)
     # sanity: the fitted cell must stay close to the (rotated) basis cell
     A = fit.G @ np.linalg.inv(basis)
     sv = np.linalg.svd(A, compute_uv=False)
     if np.linalg.det(A) <= 0 or sv.max() > 1 + max_strain or sv.min() < 1 - max_strain:
-        return None
-    return fit
+        return IndexResult(None, signal)
+    return IndexResult(fit, signal)

@@ -12,8 +12,8 @@ from scipy import ndimage
 
 __all__ = [
     "beam_centre_radius",
-    "bright_field_fraction",
     "vacuum_split",
+    "subtract_local_background",
     "aligned_mean",
     "edge_width",
 ]
@@ -40,35 +40,16 @@ def beam_centre_radius(pattern: np.ndarray) -> tuple[float, float, float]:
     return float(x0), float(y0), float(np.sqrt(region.sum() / np.pi))
 
 
-def bright_field_fraction(
-    patterns: np.ndarray, centres: np.ndarray, radius: float
-) -> np.ndarray:
-    """Fraction of each pattern's counts inside ``1.5 radius + 1`` px of its direct beam.
+def vacuum_split(signal: np.ndarray) -> float | None:
+    """Threshold on the lattice signal below which a pattern is vacuum, or ``None`` when the
+    scan shows no vacuum.
 
-    Vacuum patterns hold (almost) everything in the bright field; a crystal scatters a part of
-    the beam into Bragg disks and diffuse background, which lowers the fraction.
+    Otsu's split of the per-position lattice signal, accepted only when it is clearly bimodal:
+    the lower class must hold next to no lattice signal (under a quarter of the upper class's)
+    and lie several spreads below it. A scan of crystal only (thickness, orientation and
+    dynamical contrast) has no such near-empty class.
     """
-    n, qx, qy = patterns.shape
-    xx, yy = np.meshgrid(np.arange(qx), np.arange(qy), indexing="ij")
-    out = np.empty(n)
-    rr = (1.5 * radius + 1.0) ** 2
-    for i in range(n):
-        inside = (xx - centres[i, 0]) ** 2 + (yy - centres[i, 1]) ** 2 < rr
-        tot = float(patterns[i].sum())
-        out[i] = float(patterns[i][inside].sum()) / tot if tot > 0 else 1.0
-    return out
-
-
-def vacuum_split(bf_fraction: np.ndarray) -> float | None:
-    """Threshold on the bright-field fraction above which a pattern is vacuum, or ``None`` when
-    the scan has no vacuum.
-
-    Otsu's split of the fractions, accepted only when the two classes are far apart compared
-    with their spread (a clearly bimodal histogram) *and* the upper class sits near 1: a scan
-    of crystal only (thickness or orientation contrast) has no class that keeps all its counts
-    in the bright field.
-    """
-    f = np.sort(np.asarray(bf_fraction, float))
+    f = np.sort(np.asarray(signal, float))
     f = f[np.isfinite(f)]
     if len(f) < 4:
         return None
@@ -81,13 +62,24 @@ def vacuum_split(bf_fraction: np.ndarray) -> float | None:
     lo, hi = f[f <= t_best], f[f > t_best]
     if len(lo) == 0 or len(hi) == 0:
         return None
-    spread = max(lo.std(), hi.std(), 1e-6)
-    gap = hi.mean() - lo.mean()
-    # the vacuum class keeps nearly all counts in the bright field; the crystal loses a
-    # clearly larger share (>= 3 spreads further down)
-    if gap < 3.0 * spread or hi.mean() < 0.8 or (1.0 - lo.mean()) < 2.0 * (1.0 - hi.mean()):
+    spread = max(lo.std(), hi.std(), 1e-12)
+    if hi.mean() - lo.mean() < 3.0 * spread or lo.mean() > 0.25 * hi.mean():
         return None
-    return float(t_best)
+    # put the cut where the vacuum class ends rather than mid-gap: a weakly scattering crystal
+    # position is better kept (and maybe left unfitted) than called vacuum
+    return float(min(t_best, lo.max() + 0.25 * (hi.min() - lo.max())))
+
+
+def subtract_local_background(probe: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
+    """Remove the diffuse background around a vacuum beam: the median of the annulus
+    ``1.5 r .. 2.5 r``, a constant under the disk, is subtracted (and the result clipped at 0),
+    so the template is the beam and not the halo of the background it sits on."""
+    qx, qy = probe.shape
+    xx, yy = np.meshgrid(np.arange(qx), np.arange(qy), indexing="ij")
+    r = np.hypot(xx - centre[0], yy - centre[1])
+    ring = (r > 1.5 * radius) & (r < 2.5 * radius)
+    bg = float(np.median(probe[ring])) if ring.any() else 0.0
+    return np.clip(probe - bg, 0.0, None)
 
 
 def aligned_mean(patterns: np.ndarray, centres: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -1,0 +1,161 @@
+"""napari reader: a 4D-STEM file opens as its virtual bright-field (and annular dark-field)
+image, with the real-space scale of the scan; the 4D data stay lazy on disk.
+
+The :class:`~napari_stem_strain.io.dataset.Dataset` rides along in the navigation layer's
+``metadata["stem_strain"]`` (with the virtual images and any ground truth), which is where the
+docks find it. Asking which array (files with several 4D arrays) and which scan shape (3D frame
+stacks) goes through :func:`ask_dataset` / :func:`ask_scan_shape`, module attributes that tests
+replace. A file that cannot be read becomes one napari error notification naming the file and
+the problem - never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .io.errors import DataError
+
+__all__ = ["napari_get_reader", "read_4dstem", "dataset_layers", "open_interactively",
+           "ask_dataset", "ask_scan_shape"]
+
+log = logging.getLogger(__name__)
+
+#: Suffixes the manifest registers (kept in step with ``io.readers.SUPPORTED_SUFFIXES``).
+_FALLBACK_SUFFIXES = (".h5", ".hdf5", ".hdf", ".emd", ".mib", ".blo", ".dm3", ".dm4", ".npy")
+
+LayerData = tuple[Any, ...]
+
+
+def ask_dataset(path: str, names: list[str]) -> str | None:
+    """Which of several 4D arrays to open (a Qt dialog; tests monkeypatch this name)."""
+    from ._widgets._dialogs import ask_dataset as dialog
+
+    return dialog(path, names)
+
+
+def ask_scan_shape(path: str, n_frames: int | None, message: str = "") -> tuple[int, int] | None:
+    """The scan shape of a frame stack (a Qt dialog; tests monkeypatch this name)."""
+    from ._widgets._dialogs import ask_scan_shape as dialog
+
+    return dialog(path, n_frames, message)
+
+
+def _suffixes() -> tuple[str, ...]:
+    try:
+        from .io.readers import SUPPORTED_SUFFIXES
+
+        # .hdr: a Merlin header dropped by mistake gets a message naming its .mib
+        return (*(s.lower() for s in SUPPORTED_SUFFIXES), ".hdr")
+    except ImportError:  # readers not installed in this build
+        return _FALLBACK_SUFFIXES
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """Return :func:`read_4dstem` for one file with a supported suffix, else ``None`` (so napari
+    offers the file to other readers)."""
+    if isinstance(path, list | tuple):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    name = str(path).lower()
+    if any(name.endswith(s) for s in _suffixes()):
+        return read_4dstem
+    return None
+
+
+def _needs_scan_shape(message: str) -> bool:
+    m = message.lower()
+    return "scan_shape" in m or "scan shape" in m
+
+
+def _frame_count(message: str) -> int | None:
+    m = re.search(r"(\d+)\s+(?:frames|patterns|diffraction)", message)
+    return int(m.group(1)) if m else None
+
+
+def open_interactively(path: str) -> Any | None:
+    """Open ``path`` lazily, asking the user whatever the file does not say.
+
+    Returns ``None`` when the user cancels a question; raises :class:`DataError` otherwise.
+    """
+    from .io.readers import list_4d_arrays, open_dataset
+
+    dataset: str | None = None
+    scan_shape: tuple[int, int] | None = None
+    names = list_4d_arrays(path)
+    if len(names) > 1:  # open_dataset would take the largest: let the user choose
+        dataset = ask_dataset(str(path), names)
+        if dataset is None:
+            return None
+    for _ in range(3):
+        try:
+            return open_dataset(path, dataset=dataset, scan_shape=scan_shape)
+        except DataError as err:
+            msg = str(err)
+            if scan_shape is None and _needs_scan_shape(msg):
+                scan_shape = ask_scan_shape(str(path), _frame_count(msg), msg)
+                if scan_shape is None:
+                    return None
+                continue
+            raise
+    raise DataError(f"{path}: could not be opened with the answers given")
+
+
+def _units_ok(units: str | None) -> bool:
+    if not units:
+        return False
+    try:
+        import pint
+
+        pint.get_application_registry().Unit(units)
+        return True
+    except Exception:  # noqa: BLE001 - any unit napari cannot parse is left out
+        return False
+
+
+def dataset_layers(ds: Any, ground_truth: Any = None) -> list[LayerData]:
+    """Layer data of an opened dataset: annular dark field, then bright field on top (the
+    navigation image, carrying the dataset)."""
+    from .virtual import virtual_images
+
+    vi = virtual_images(ds)
+    cal = ds.calibration
+    step = float(cal.r_pixel_size) if cal.r_pixel_size else 1.0
+    common: dict[str, Any] = {"scale": (step, step)}
+    if cal.r_pixel_size and _units_ok(cal.r_units):
+        common["units"] = (cal.r_units, cal.r_units)
+    label = ds.name or (Path(ds.source).stem if ds.source else "4D-STEM")
+    info = {"role": "navigation", "dataset": ds, "virtual": vi, "ground_truth": ground_truth,
+            "source": str(ds.source or "")}
+    adf = (vi.dark_field, {**common, "name": f"{label} ADF", "colormap": "gray",
+                           "visible": False,
+                           "metadata": {"stem_strain": {"role": "virtual", "kind": "ADF"}}},
+           "image")
+    bf = (vi.bright_field, {**common, "name": f"{label} BF", "colormap": "gray",
+                           "metadata": {"stem_strain": info}}, "image")
+    return [adf, bf]
+
+
+def read_4dstem(path: str | list[str]) -> list[LayerData]:
+    """The reader napari calls. Errors become a notification and no layer."""
+    from napari.utils.notifications import show_error
+
+    if isinstance(path, list | tuple):
+        path = path[0]
+    try:
+        ds = open_interactively(str(path))
+        if ds is None:
+            return [(None,)]
+        from .io.ground_truth import read_ground_truth
+
+        return dataset_layers(ds, read_ground_truth(path))
+    except DataError as err:
+        show_error(str(err))
+    except (OSError, ValueError) as err:
+        log.exception("reading %s failed", path)
+        show_error(f"{path}: cannot be read ({str(err).splitlines()[0] if str(err) else err!r})")
+    return [(None,)]

@@ -1,0 +1,334 @@
+"""The state the docks of one viewer share, with no Qt in it.
+
+Why a session object: the reference rectangle, the sample mask, the probe position and the
+results are edited in different docks but must stay consistent - moving the rectangle
+re-references every method's maps (:meth:`MethodMaps.with_reference`, no re-run), repaints the
+layers, the histograms and the probe overlay. One session per viewer holds them and emits
+psygnal signals the docks listen to.
+
+Results are kept *raw* (as the methods delivered them); what is shown is always derived:
+``raw.sample & user mask`` re-referenced to the current rectangle. So un-painting the mask or
+moving the rectangle back restores the earlier maps exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from typing import Any
+
+import numpy as np
+from psygnal import Signal
+
+from ..io.results import MethodMaps
+from ..strain import format_region, parse_region
+from ._layers import META_KEY, show_results
+
+__all__ = ["StrainSession", "get_session", "REFERENCE_LAYER", "MASK_LAYER", "SAMPLE", "BACKGROUND"]
+
+log = logging.getLogger(__name__)
+
+REFERENCE_LAYER = "reference region"
+MASK_LAYER = "sample mask"
+#: Label values of the mask layer (0, unpainted, also counts as background).
+SAMPLE, BACKGROUND = 1, 2
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_session(viewer: Any) -> StrainSession:
+    """The one session of ``viewer`` (created on first use)."""
+    s = _SESSIONS.get(viewer)
+    if s is None:
+        s = StrainSession(viewer)
+        _SESSIONS[viewer] = s
+    return s
+
+
+def _notify_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+class StrainSession:
+    """Dataset, reference region, sample mask, probe and results of one viewer."""
+
+    results_changed = Signal()
+    reference_changed = Signal(str)
+    probe_changed = Signal(int, int)
+    dataset_changed = Signal()
+
+    def __init__(self, viewer: Any) -> None:
+        self._viewer_ref = weakref.ref(viewer)
+        self.raw_results: dict[str, MethodMaps] = {}
+        self.results: dict[str, MethodMaps] = {}
+        self.probe: tuple[int, int] | None = None
+        self._last_region: str | None = None
+        self._last_error: str | None = None
+        self._dataset_key: int | None = None
+        self._busy = False
+        viewer.layers.events.inserted.connect(self._on_layer_inserted)
+
+    # ------------------------------------------------------------------ dataset
+    @property
+    def viewer(self) -> Any:
+        v = self._viewer_ref()
+        if v is None:
+            raise RuntimeError("the viewer of this session was closed")
+        return v
+
+    def nav_layer(self) -> Any | None:
+        """The navigation image of the current dataset: the selected one if it is ours, else
+        the most recently added."""
+        layers = self.viewer.layers
+        active = layers.selection.active
+        if active is not None and _info(active).get("role") == "navigation":
+            return active
+        for layer in reversed(layers):
+            if _info(layer).get("role") == "navigation":
+                return layer
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """The plugin's metadata of the navigation layer (dataset, virtual images, truth)."""
+        nav = self.nav_layer()
+        return _info(nav) if nav is not None else {}
+
+    @property
+    def dataset(self) -> Any | None:
+        return self.info().get("dataset")
+
+    @property
+    def ground_truth(self) -> Any | None:
+        return self.info().get("ground_truth")
+
+    @property
+    def scan_shape(self) -> tuple[int, int] | None:
+        ds = self.dataset
+        return ds.scan_shape if ds is not None else None
+
+    def geometry(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``(scale, translate)`` of the navigation image, shared by every scan-space layer."""
+        nav = self.nav_layer()
+        if nav is None:
+            return (1.0, 1.0), (0.0, 0.0)
+        return tuple(nav.scale[-2:]), tuple(nav.translate[-2:])  # type: ignore[return-value]
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        layer = event.value
+        if _info(layer).get("role") == "navigation" and not self._busy:
+            self.new_dataset()
+
+    def new_dataset(self) -> None:
+        """A new scan became current: drop old results, fit rectangle and mask to it."""
+        ds = self.dataset
+        key = id(ds) if ds is not None else None
+        if key == self._dataset_key:
+            return
+        self._dataset_key = key
+        self.raw_results, self.results = {}, {}
+        self.probe = None
+        if ds is not None:
+            self.ensure_layers(reset=True)
+        self.dataset_changed.emit()
+        self.results_changed.emit()
+
+    # ------------------------------------------------------------ scan layers
+    def ensure_layers(self, reset: bool = False) -> None:
+        """Create (or with ``reset`` re-create for a new scan) the mask and the rectangle."""
+        if self.dataset is None:
+            return
+        self._dataset_key = id(self.dataset)
+        self._busy = True
+        try:
+            fresh = self.mask_layer(create=False) is None
+            mask = self.mask_layer(create=True)
+            if reset or fresh or mask.data.shape != self.scan_shape:
+                self._replace_mask_layer()
+                self.fill_mask("virtual")
+            ref = self.reference_layer(create=True)
+            if reset or len(ref.data) == 0:
+                self.set_reference_region(self.default_region())
+        finally:
+            self._busy = False
+
+    def reference_layer(self, create: bool = True) -> Any | None:
+        layers = self.viewer.layers
+        if REFERENCE_LAYER in layers:
+            return layers[REFERENCE_LAYER]
+        if not create:
+            return None
+        scale, translate = self.geometry()
+        layer = self.viewer.add_shapes(
+            name=REFERENCE_LAYER, scale=scale, translate=translate, edge_color="yellow",
+            face_color=[1, 1, 0, 0.08], edge_width=0.4, ndim=2,
+        )
+        layer.metadata[META_KEY] = {"role": "reference"}
+        layer.events.data.connect(self._on_reference_edit)
+        return layer
+
+    def mask_layer(self, create: bool = True) -> Any | None:
+        layers = self.viewer.layers
+        if MASK_LAYER in layers:
+            return layers[MASK_LAYER]
+        if not create:
+            return None
+        return self._add_mask_layer()
+
+    def _add_mask_layer(self) -> Any:
+        scale, translate = self.geometry()
+        shape = self.scan_shape or (1, 1)
+        layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=MASK_LAYER,
+                                       scale=scale, translate=translate, opacity=0.25)
+        layer.metadata[META_KEY] = {"role": "mask"}
+        layer.selected_label = BACKGROUND
+        layer.events.paint.connect(self._on_mask_edit)
+        layer.events.data.connect(self._on_mask_edit)
+        # keep the rectangle drawn above the mask
+        if REFERENCE_LAYER in self.viewer.layers:
+            layers = self.viewer.layers
+            layers.move(layers.index(layer), layers.index(layers[REFERENCE_LAYER]))
+        return layer
+
+    def _replace_mask_layer(self) -> None:
+        layers = self.viewer.layers
+        if MASK_LAYER in layers:
+            old = layers[MASK_LAYER]
+            if old.data.shape == self.scan_shape:
+                old.scale, old.translate = self.geometry()
+                return
+            layers.remove(old)
+        self._add_mask_layer()
+
+    # ----------------------------------------------------------------- mask
+    def fill_mask(self, source: str = "virtual") -> None:
+        """Fill the mask from the virtual images (``"virtual"``) or from the methods' own
+        sample classification (``"classifier"``: CC-ST-AE's when present)."""
+        from ..overlay import mask_from_virtual
+
+        layer = self.mask_layer(create=True)
+        if source == "classifier":
+            raw = self.raw_results.get("ae") or next(iter(self.raw_results.values()), None)
+            if raw is None:
+                raise ValueError("no method result yet: run a method to use its classifier")
+            sample = np.asarray(raw.sample, bool)
+        else:
+            vi = self.info().get("virtual")
+            if vi is None:
+                sample = np.ones(self.scan_shape or layer.data.shape, bool)
+            else:
+                sample = mask_from_virtual(vi.bright_field, vi.dark_field)
+        layer.data = np.where(sample, SAMPLE, BACKGROUND).astype(np.uint8)
+
+    def sample_mask(self) -> np.ndarray | None:
+        """True where the user's mask says crystal (``None`` without a mask layer)."""
+        layer = self.mask_layer(create=False)
+        if layer is None or layer.data.shape != self.scan_shape:
+            return None
+        return np.asarray(layer.data) == SAMPLE
+
+    def _on_mask_edit(self, event: Any = None) -> None:
+        if not self._busy:
+            self.refresh()
+
+    # ------------------------------------------------------------ reference
+    def default_region(self) -> str:
+        """The file's own reference (simulations record one), else the square of sample
+        positions farthest from vacuum and edge (``pipeline.default_reference``)."""
+        from ..pipeline import default_reference
+
+        gt = self.ground_truth
+        if gt is not None and gt.reference:
+            return gt.reference
+        mask = self.sample_mask()
+        if mask is None:
+            mask = np.ones(self.scan_shape, bool)
+        return default_reference(mask)
+
+    def set_reference_region(self, region: str) -> None:
+        """Draw the rectangle for ``region`` (``"r0:r1,c0:c1"``, scan pixels, half-open)."""
+        rs, cs = parse_region(region)
+        layer = self.reference_layer(create=True)
+        # pixel i covers [i - 0.5, i + 0.5] in napari's data coordinates
+        rect = np.array([[rs.start - 0.5, cs.start - 0.5], [rs.start - 0.5, cs.stop - 0.5],
+                         [rs.stop - 0.5, cs.stop - 0.5], [rs.stop - 0.5, cs.start - 0.5]])
+        layer.data = [rect]
+        layer.shape_type = ["rectangle"]
+        self._on_reference_edit()
+
+    def reference_region(self) -> str | None:
+        """The rectangle as ``"r0:r1,c0:c1"`` clipped to the scan (the last shape drawn wins);
+        ``None`` when there is no rectangle or it lies outside the scan."""
+        layer = self.reference_layer(create=False)
+        shape = self.scan_shape
+        if layer is None or shape is None or len(layer.data) == 0:
+            return None
+        verts = np.asarray(layer.data[-1])[:, -2:]
+        lo = np.floor(verts.min(0) + 0.5).astype(int)
+        hi = np.floor(verts.max(0) + 0.5).astype(int)
+        lo = np.clip(lo, 0, shape)
+        hi = np.clip(hi, 0, shape)
+        hi = np.maximum(hi, np.minimum(lo + 1, shape))
+        if np.any(hi <= lo):
+            return None
+        return format_region((slice(int(lo[0]), int(hi[0])), slice(int(lo[1]), int(hi[1]))))
+
+    def _on_reference_edit(self, event: Any = None) -> None:
+        region = self.reference_region()
+        if region is None or region == self._last_region:
+            return
+        self._last_region = region
+        self.reference_changed.emit(region)
+        self.refresh()
+
+    # --------------------------------------------------------------- results
+    def set_results(self, raw: dict[str, MethodMaps]) -> None:
+        """Store freshly computed results (any reference) and show them."""
+        self.raw_results = {**self.raw_results, **raw}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute what is shown from the raw results, the mask and the rectangle."""
+        if not self.raw_results:
+            return
+        region = self.reference_region()
+        mask = self.sample_mask()
+        try:
+            shown = {}
+            for name, raw in self.raw_results.items():
+                m = raw
+                if mask is not None:
+                    m = dataclasses.replace(raw, sample=np.asarray(raw.sample, bool) & mask)
+                shown[name] = m.with_reference(region or raw.reference)
+        except ValueError as err:
+            msg = str(err)
+            if msg != self._last_error:
+                self._last_error = msg
+                _notify_error(f"Cannot use this reference: {msg}")
+            return
+        self._last_error = None
+        self.results = shown
+        scale, translate = self.geometry()
+        show_results(self.viewer, shown, scale, translate)
+        self.results_changed.emit()
+
+    # ----------------------------------------------------------------- probe
+    def set_probe(self, row: int, col: int) -> None:
+        shape = self.scan_shape
+        if shape is None:
+            return
+        row = int(np.clip(row, 0, shape[0] - 1))
+        col = int(np.clip(col, 0, shape[1] - 1))
+        if self.probe == (row, col):
+            return
+        self.probe = (row, col)
+        self.probe_changed.emit(row, col)
+
+
+def _info(layer: Any) -> dict[str, Any]:
+    try:
+        return layer.metadata.get(META_KEY, {}) or {}
+    except AttributeError:
+        return {}

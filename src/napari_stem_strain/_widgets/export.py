@@ -1,0 +1,133 @@
+"""Export dock: the result file, one TIFF per map, a PNG figure of the maps.
+
+Exports what is shown: every method's maps relative to the current reference rectangle and
+mask. Files hold the ``CONVENTIONS.md`` units (fractions, degrees); the result file is written
+atomically by :func:`napari_stem_strain.io.results.write_results`, the figure is
+:func:`napari_stem_strain.figures.plot_maps` (the CLI's too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..io.results import MAP_NAMES
+from ._session import get_session
+from ._workers import notify_error, notify_info
+
+__all__ = ["ExportWidget", "export_tiffs", "export_png", "export_h5"]
+
+
+def export_h5(results: dict[str, Any], path: Path) -> list[Path]:
+    from ..io.results import write_results
+
+    return [write_results(path, list(results.values()), replace=True)]
+
+
+def export_tiffs(results: dict[str, Any], folder: Path, base: str) -> list[Path]:
+    """``<base>_<method>_<map>.tif`` float32, fractions (strain) and degrees (theta)."""
+    import tifffile
+
+    out = []
+    for name, m in results.items():
+        for comp in MAP_NAMES:
+            p = folder / f"{base}_{name}_{comp}.tif"
+            tifffile.imwrite(p, np.asarray(getattr(m.maps, comp), np.float32),
+                             metadata={"method": name, "map": comp,
+                                       "unit": "degree" if comp == "theta" else "fraction",
+                                       "reference": m.reference})
+            out.append(p)
+    return out
+
+
+def export_png(results: dict[str, Any], path: Path, truth: Any = None) -> list[Path]:
+    from ..figures import plot_maps
+
+    return [plot_maps(results, path, truth=truth, title=path.stem)]
+
+
+class ExportWidget(QWidget):
+    """Folder + base name, and one button per kind of export."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.folder = QLineEdit(str(Path.cwd()))
+        browse = QPushButton("...")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse)
+        self.base = QLineEdit("strain")
+        form = QFormLayout()
+        frow = QHBoxLayout()
+        frow.addWidget(self.folder)
+        frow.addWidget(browse)
+        form.addRow("folder", frow)
+        form.addRow("file name", self.base)
+        self.h5_button = QPushButton("Result file (.h5)")
+        self.h5_button.clicked.connect(lambda: self.export("h5"))
+        self.tif_button = QPushButton("TIFF per map")
+        self.tif_button.clicked.connect(lambda: self.export("tif"))
+        self.png_button = QPushButton("PNG figure")
+        self.png_button.clicked.connect(lambda: self.export("png"))
+        brow = QHBoxLayout()
+        for b in (self.h5_button, self.tif_button, self.png_button):
+            brow.addWidget(b)
+        self.last = QLabel("")
+        self.last.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(brow)
+        lay.addWidget(self.last)
+        lay.addStretch(1)
+        self.session.dataset_changed.connect(self._default_base)
+        self._default_base()
+
+    def _default_base(self) -> None:
+        src = self.session.info().get("source")
+        if src:
+            self.base.setText(f"{Path(src).stem}_strain")
+            self.folder.setText(str(Path(src).parent))
+
+    def _browse(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "Export folder", self.folder.text())
+        if d:
+            self.folder.setText(d)
+
+    def export(self, kind: str) -> list[Path]:
+        """Write one kind of export; returns the files written (``[]`` on a problem, which
+        becomes a notification)."""
+        results = self.session.results
+        if not results:
+            notify_error("nothing to export yet: run Strain mapping first")
+            return []
+        folder = Path(self.folder.text()).expanduser()
+        base = self.base.text().strip() or "strain"
+        try:
+            if not folder.is_dir():
+                raise OSError(f"folder {folder} does not exist")
+            if kind == "h5":
+                files = export_h5(results, folder / f"{base}.h5")
+            elif kind == "tif":
+                files = export_tiffs(results, folder, base)
+            else:
+                files = export_png(results, folder / f"{base}.png", self.session.ground_truth)
+        except (OSError, ValueError) as err:
+            notify_error(f"Export failed: {str(err).splitlines()[0]}")
+            return []
+        names = ", ".join(f.name for f in files[:4]) + (" ..." if len(files) > 4 else "")
+        self.last.setText(f"wrote {len(files)} file(s) to {folder}: {names}")
+        notify_info(f"wrote {len(files)} file(s) to {folder}")
+        return files

@@ -1,0 +1,326 @@
+"""Strain-mapping dock: pick methods, model and device, Run/Cancel, and look at the results.
+
+Everything scientific happens in :func:`napari_stem_strain.pipeline.run_methods` (and
+``ccstae.fit_model`` for "fit on this dataset now"), run by a :class:`~._workers.Task` in a
+worker thread. Results go to the session, which shows them as layers; this dock adds the
+side-by-side grid, histograms of every map and, when the file holds ground truth, the MAE table
+(``pipeline.compare_to_truth``, ``CONVENTIONS.md`` rules).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..io.results import MAP_NAMES
+from ._layers import MAP_UNITS, META_KEY, display_values, method_colour, method_label
+from ._session import get_session
+from ._workers import Task, notify_error
+
+__all__ = ["MappingWidget", "MODEL_SHIPPED", "MODEL_FILE", "MODEL_FIT"]
+
+MODEL_SHIPPED = "shipped model"
+MODEL_FILE = "model file..."
+MODEL_FIT = "fit on this dataset now"
+
+
+class MappingWidget(QWidget):
+    """Run CC-ST-AE and/or py4DSTEM on the current dataset and compare the maps."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.task: Task | None = None
+        self._hidden_for_grid: list[Any] = []
+
+        # -- methods -----------------------------------------------------------------
+        run_box = QGroupBox("Methods")
+        form = QFormLayout(run_box)
+        self.use_ae = QCheckBox("CC-ST-AE (autoencoder)")
+        self.use_ae.setChecked(True)
+        self.use_py4dstem = QCheckBox("py4DSTEM (Bragg disks)")
+        self.use_py4dstem.setChecked(True)
+        form.addRow(self.use_ae)
+        form.addRow(self.use_py4dstem)
+        self.model = QComboBox()
+        self.model.addItems([MODEL_SHIPPED, MODEL_FILE, MODEL_FIT])
+        self.model.setToolTip("CC-ST-AE weights: the model shipped with the plugin, a model "
+                              "file fitted earlier (stem-strain fit), or fit one on this "
+                              "dataset before mapping")
+        self.model.currentTextChanged.connect(self._model_changed)
+        form.addRow("CC-ST-AE model", self.model)
+        self.model_path = QLineEdit()
+        self.model_path.setPlaceholderText("fitted model file (.pt)")
+        browse = QPushButton("...")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_model)
+        self._path_row = QWidget()
+        prow = QHBoxLayout(self._path_row)
+        prow.setContentsMargins(0, 0, 0, 0)
+        prow.addWidget(self.model_path)
+        prow.addWidget(browse)
+        form.addRow(self._path_row)
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 10_000)
+        self.epochs.setValue(20)
+        self._epochs_label = QLabel("fit epochs")
+        form.addRow(self._epochs_label, self.epochs)
+        self.device = QComboBox()
+        self._fill_devices()
+        form.addRow("device", self.device)
+        self.device_info = QLabel(self._device_text())
+        self.device_info.setWordWrap(True)
+        form.addRow(self.device_info)
+
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        brow = QHBoxLayout()
+        brow.addWidget(self.run_button)
+        brow.addWidget(self.cancel_button)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        # -- results -----------------------------------------------------------------
+        self.grid = QCheckBox("Compare side by side (grid: one row per method)")
+        self.grid.toggled.connect(self.set_grid)
+        self.tabs = QTabWidget()
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.hist_figure = Figure(figsize=(4, 3.4), facecolor="#262930")
+        self.hist_canvas = FigureCanvasQTAgg(self.hist_figure)
+        self.hist_canvas.setMinimumHeight(260)
+        self.tabs.addTab(self.hist_canvas, "Histograms")
+        self.mae_table = QTableWidget(0, 4)
+        self.mae_table.setHorizontalHeaderLabels(
+            [f"{c} ({MAP_UNITS[c][0]})" for c in MAP_NAMES])
+        self.mae_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.mae_note = QLabel("Mean absolute error against the file's ground truth, over all "
+                               "sample positions (CONVENTIONS.md).")
+        self.mae_note.setWordWrap(True)
+        mae_page = QWidget()
+        mlay = QVBoxLayout(mae_page)
+        mlay.addWidget(self.mae_note)
+        mlay.addWidget(self.mae_table)
+        self.tabs.addTab(mae_page, "MAE vs truth")
+
+        lay = QVBoxLayout(self)
+        lay.addWidget(run_box)
+        lay.addLayout(brow)
+        lay.addWidget(self.status)
+        lay.addWidget(self.grid)
+        lay.addWidget(self.tabs, 1)
+
+        self._model_changed(self.model.currentText())
+        self.session.results_changed.connect(self.update_results)
+        self.session.dataset_changed.connect(self.update_results)
+        if self.session.dataset is not None:
+            self.session.ensure_layers()
+        self.update_results()
+
+    # ---------------------------------------------------------------- settings
+    def _fill_devices(self) -> None:
+        from ..device import available_devices
+
+        have = available_devices()
+        self.device.addItem(f"auto ({have[0]})", "auto")
+        self.device.addItem("CPU", "cpu")
+        if "cuda" in have:
+            self.device.addItem("CUDA GPU", "cuda")
+        else:
+            self.device.addItem("CUDA (not available)", "cuda")
+            item = self.device.model().item(self.device.count() - 1)
+            if item is not None:
+                item.setEnabled(False)
+
+    def _device_text(self) -> str:
+        from ..device import available_devices
+
+        if "cuda" in available_devices():
+            import torch
+
+            return f"torch sees CUDA: {torch.cuda.get_device_name(0)}"
+        return "torch sees no CUDA GPU: CC-ST-AE runs on the CPU"
+
+    def _model_changed(self, text: str) -> None:
+        self._path_row.setVisible(text == MODEL_FILE)
+        self.epochs.setVisible(text == MODEL_FIT)
+        self._epochs_label.setVisible(text == MODEL_FIT)
+
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "CC-ST-AE model file", "",
+                                              "model (*.pt *.pth);;all files (*)")
+        if path:
+            self.model_path.setText(path)
+
+    def methods(self) -> list[str]:
+        out = []
+        if self.use_ae.isChecked():
+            out.append("ae")
+        if self.use_py4dstem.isChecked():
+            out.append("py4dstem")
+        return out
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> Task | None:
+        """Start a run in a worker thread (returns the task; ``None`` when refused)."""
+        if self.task is not None and self.task.running:
+            notify_error("a strain mapping run is already going: cancel it first")
+            return None
+        ds = self.session.dataset
+        if ds is None:
+            notify_error("open a 4D-STEM file (or File > Open Sample) before running")
+            return None
+        methods = self.methods()
+        if not methods:
+            notify_error("tick at least one method (CC-ST-AE or py4DSTEM)")
+            return None
+        self.session.ensure_layers()
+        region = self.session.reference_region()
+        device = self.device.currentData()
+        choice = self.model.currentText()
+        model: Any = None
+        if "ae" in methods and choice == MODEL_FILE:
+            model = self.model_path.text().strip()
+            if not model or not Path(model).is_file():
+                notify_error(f"model file {model!r} does not exist: choose a fitted model")
+                return None
+        fit_epochs = self.epochs.value() if "ae" in methods and choice == MODEL_FIT else 0
+
+        def job(progress: Any, should_stop: Any) -> Any:
+            from ..pipeline import run_methods
+
+            use_model = model
+            if fit_epochs:
+                from ..methods.ccstae import fit_model
+
+                out = Path(tempfile.mkdtemp(prefix="stem-strain-fit-")) / "model.pt"
+                fitted = fit_model(ds, init="default", epochs=fit_epochs, seed=0, out=out,
+                                   progress=progress, should_stop=should_stop)
+                use_model = fitted if fitted is not None else out
+            return run_methods(ds, methods, reference=region, model=use_model, device=device,
+                               progress=progress, should_stop=should_stop)
+
+        names = " + ".join(method_label(m) for m in methods)
+        self.status.setText(f"running {names} ...")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.task = Task(job, f"Strain mapping ({names})", on_done=self.session.set_results,
+                         on_end=self._ended, error_prefix="Strain mapping failed: ")
+        return self.task
+
+    def cancel(self) -> None:
+        if self.task is not None and self.task.running:
+            self.task.cancel()
+            self.status.setText("cancelling (stops after the current block) ...")
+
+    def _ended(self, status: str) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        text = {"done": "done", "cancelled": "cancelled: no maps were changed",
+                "failed": "failed (see the notification)"}.get(status, status)
+        self.status.setText(text)
+
+    # ---------------------------------------------------------------- results
+    def update_results(self) -> None:
+        self._draw_histograms()
+        self._fill_mae()
+        if self.grid.isChecked():
+            self.set_grid(True)
+
+    def _draw_histograms(self) -> None:
+        fig = self.hist_figure
+        fig.clear()
+        results = self.session.results
+        axes = fig.subplots(2, 2)
+        for ax, comp in zip(axes.ravel(), MAP_NAMES, strict=True):
+            ax.set_facecolor("#262930")
+            ax.tick_params(colors="#d0d0d0", labelsize=7)
+            for s in ax.spines.values():
+                s.set_color("#808080")
+            unit = MAP_UNITS[comp][0]
+            ax.set_title(f"{comp} ({unit})", color="#e0e0e0", fontsize=8)
+            vals = [display_values(m, comp) for m in results.values()]
+            finite = [v[np.isfinite(v)] for v in vals]
+            if not any(f.size for f in finite):
+                continue
+            allv = np.concatenate([f for f in finite if f.size])
+            lim = float(np.percentile(np.abs(allv), 99.5)) or 1.0
+            bins = np.linspace(-lim, lim, 41)
+            for name, f in zip(results, finite, strict=True):
+                if f.size:
+                    ax.hist(np.clip(f, -lim, lim), bins=bins, histtype="step", linewidth=1.4,
+                            color=method_colour(name), label=method_label(name))
+        if results:
+            axes[0, 0].legend(fontsize=7, framealpha=0.5)
+        fig.tight_layout(pad=0.6)
+        self.hist_canvas.draw_idle()
+
+    def mae(self) -> dict[str, dict[str, float]]:
+        """MAE per method and component (file units) against the ground truth, or ``{}``."""
+        gt = self.session.ground_truth
+        if gt is None or not self.session.results:
+            return {}
+        from ..pipeline import compare_to_truth
+
+        return compare_to_truth(self.session.results, gt)
+
+    def _fill_mae(self) -> None:
+        table = self.mae()
+        gt = self.session.ground_truth
+        self.tabs.setTabEnabled(1, gt is not None)
+        self.mae_table.setRowCount(len(table))
+        self.mae_table.setVerticalHeaderLabels([method_label(m) for m in table])
+        for i, row in enumerate(table.values()):
+            for j, comp in enumerate(MAP_NAMES):
+                v = row[comp] * MAP_UNITS[comp][1]
+                self.mae_table.setItem(i, j, QTableWidgetItem(f"{v:.3f}"))
+
+    # ------------------------------------------------------------------- grid
+    def set_grid(self, on: bool) -> None:
+        """Side by side: every map visible in napari's grid, one row per method; the other
+        layers are hidden meanwhile (and shown again after)."""
+        viewer = self.viewer
+        maps = [layer for layer in viewer.layers
+                if (layer.metadata.get(META_KEY) or {}).get("role") == "map"]
+        if on and maps:
+            for layer in viewer.layers:
+                if layer not in maps and layer.visible:
+                    layer.visible = False
+                    self._hidden_for_grid.append(layer)
+            for layer in maps:
+                layer.visible = True
+            n_methods = len({(layer.metadata[META_KEY]["method"]) for layer in maps})
+            viewer.grid.shape = (n_methods, len(MAP_NAMES))
+            viewer.grid.enabled = True
+        else:
+            viewer.grid.enabled = False
+            for layer in self._hidden_for_grid:
+                if layer in viewer.layers:
+                    layer.visible = True
+            self._hidden_for_grid = []

@@ -1,0 +1,282 @@
+"""Pieces every format reader shares: one-line errors, choosing an array, turning a frame
+stack into ``(Rx, Ry, Qx, Qy)`` lazily, and a cheap read probe.
+
+Nothing here reads more than two diffraction patterns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+
+__all__ = [
+    "ArrayInfo",
+    "fail",
+    "first_line",
+    "check_scan_shape",
+    "choose_array",
+    "to_4d",
+    "probe",
+    "probe_frames",
+    "square_scan",
+    "MIN_PATTERN",
+]
+
+#: Arrays whose two last axes are smaller than this are not diffraction patterns (they are
+#: e.g. the ``(Rx, Ry, 2, 2)`` affine maps of result and ground-truth files).
+MIN_PATTERN = 3
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """A candidate array inside a file: its name (internal path), shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    #: A detector frame stream ``(N, Qx, Qy)`` whose scan shape follows a rule of its format
+    #: (file metadata, else a square scan): listed and chosen like a 4D array.
+    stream: bool = False
+    #: False for arrays whose two last axes are too small to be patterns (HDF5 walks only)
+    pattern_ok: bool = True
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def is_4d(self) -> bool:
+        return self.ndim == 4 and self.pattern_ok
+
+    @property
+    def is_stack(self) -> bool:
+        return self.ndim == 3 and self.pattern_ok and not self.stream
+
+    @property
+    def is_4d_like(self) -> bool:
+        """A 4D array, or a frame stream that opens as one without a caller's scan_shape."""
+        return self.is_4d or (self.stream and self.ndim == 3)
+
+
+def first_line(err: BaseException | str) -> str:
+    """The first non-empty line of an exception message (its type name when it has none)."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__ if isinstance(err, BaseException) else ""
+    return text.splitlines()[0].strip()
+
+
+def fail(path: Path | str, problem: str) -> DataError:
+    """A :class:`DataError` whose one-line message names ``path`` and ``problem``."""
+    problem = " ".join(str(problem).split())
+    return DataError(f"{path}: {problem}")
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def check_scan_shape(path: Path, scan_shape: Any) -> tuple[int, int] | None:
+    """Validate a caller's ``scan_shape`` (two positive integers) or pass ``None`` through."""
+    if scan_shape is None:
+        return None
+    try:
+        rx, ry = (int(v) for v in scan_shape)
+    except (TypeError, ValueError):
+        raise fail(path, f"scan_shape must be two integers (Rx, Ry), not {scan_shape!r}") \
+            from None
+    if rx <= 0 or ry <= 0:
+        raise fail(path, f"scan_shape must be positive, not ({rx}, {ry})")
+    return rx, ry
+
+
+def square_scan(n: int) -> tuple[int, int] | None:
+    """``(s, s)`` when ``n`` frames form a square scan, else ``None``."""
+    s = math.isqrt(int(n))
+    return (s, s) if s > 0 and s * s == n else None
+
+
+def choose_array(
+    path: Path,
+    arrays: list[ArrayInfo],
+    dataset: str | None,
+    scan_shape: tuple[int, int] | None,
+    kind: str = "array",
+) -> ArrayInfo:
+    """Pick the array to open among ``arrays`` (every numeric array of the file).
+
+    * ``dataset`` given: that array (a leading ``/`` is optional), whatever its shape; the
+      shape is checked later by :func:`to_4d`.
+    * otherwise the 4D arrays: the largest; several of the same largest size is ambiguous.
+    * no 4D array: the 3D stacks, the same way (the caller must then give ``scan_shape``).
+    * nothing usable: an error naming the shape of the largest array found.
+    """
+    if dataset is not None:
+        want = str(dataset).strip("/")
+        for a in arrays:
+            if a.name.strip("/") == want:
+                return a
+        names = ", ".join(repr(a.name) for a in arrays if a.is_4d_like or a.is_stack) or "none"
+        raise fail(path, f"no {kind} named {dataset!r} (4D arrays and stacks: {names})")
+    four = [a for a in arrays if a.is_4d_like]
+    pool = four or [a for a in arrays if a.is_stack]
+    if not pool:
+        if not arrays:
+            raise fail(path, "holds no numeric array (not 4D-STEM data)")
+        big = max(arrays, key=lambda a: a.size)
+        where = f" {big.name!r}" if len(arrays) > 1 else ""
+        raise fail(path, f"holds no 4D-STEM data: the largest array{where} has shape "
+                   f"{_shape_str(big.shape)} ({big.ndim}D), a 4D (Rx, Ry, Qx, Qy) array or a "
+                   "3D stack of patterns is needed")
+    top = max(a.size for a in pool)
+    best = [a for a in pool if a.size == top]
+    if len(best) > 1:
+        names = ", ".join(repr(a.name) for a in pool)
+        raise fail(path, f"holds several {'4D arrays' if four else '3D stacks'} ({names}): "
+                   "choose one with dataset= (--dataset NAME)")
+    return best[0]
+
+
+def to_4d(
+    path: Path,
+    data: Any,
+    name: str,
+    scan_shape: tuple[int, int] | None,
+    implied_scan: tuple[int, int] | None = None,
+    implied_from: str = "",
+) -> tuple[Any, str]:
+    """Return ``data`` as a lazy ``(Rx, Ry, Qx, Qy)`` array and a note on where the scan
+    shape came from.
+
+    * 4D: kept as it is; a caller's ``scan_shape`` with the same number of positions
+      re-interprets the scan (lazily), one with another number is an error.
+    * 3D ``(N, Qx, Qy)``: the caller's ``scan_shape``, else ``implied_scan`` (file metadata
+      or a detector rule, described by ``implied_from``), else an error asking for it.
+    * any other dimensionality, or a zero-size array: an error naming the shape.
+    """
+    shape = tuple(int(s) for s in data.shape)
+    label = f"{name!r} " if name else ""
+    if len(shape) not in (3, 4):
+        raise fail(path, f"array {label}has shape {_shape_str(shape)} ({len(shape)}D): "
+                   "only 4D (Rx, Ry, Qx, Qy) arrays or 3D stacks of patterns (with scan_shape) "
+                   "can be read")
+    if 0 in shape:
+        raise fail(path, f"array {label}is empty (zero-size, shape {_shape_str(shape)})")
+    if len(shape) == 4:
+        if scan_shape is None or tuple(scan_shape) == shape[:2]:
+            return data, "file"
+        n = shape[0] * shape[1]
+        if scan_shape[0] * scan_shape[1] != n:
+            raise fail(path, f"scan_shape {tuple(scan_shape)} has "
+                       f"{scan_shape[0] * scan_shape[1]} positions but the "
+                       f"{'array ' + label if label else 'file '}holds {shape[0]}x{shape[1]} = "
+                       f"{n} patterns")
+        return _reshape_frames(_flatten_scan(data), scan_shape), "caller"
+    n = shape[0]
+    if scan_shape is not None:
+        if scan_shape[0] * scan_shape[1] != n:
+            raise fail(path, f"scan_shape {tuple(scan_shape)} has "
+                       f"{scan_shape[0] * scan_shape[1]} positions but the stack {label}holds "
+                       f"{n} patterns")
+        return _reshape_frames(data, scan_shape), "caller"
+    if implied_scan is not None and implied_scan[0] * implied_scan[1] == n:
+        return _reshape_frames(data, implied_scan), implied_from or "file"
+    what = f"array {label}is" if label else "holds"
+    raise fail(path, f"{what} a 3D stack of {n} patterns of {shape[1]}x{shape[2]} with no "
+               "scan shape in the file: give scan_shape=(Rx, Ry) (--scan-shape RX RY)")
+
+
+def _flatten_scan(data: Any) -> Any:
+    shape = tuple(int(s) for s in data.shape)
+    flat = (shape[0] * shape[1], shape[2], shape[3])
+    if isinstance(data, np.ndarray):  # np.memmap: a reshape is a view, still lazy
+        return data.reshape(flat)
+    return _as_dask(data).reshape(flat)
+
+
+def _reshape_frames(data: Any, scan_shape: tuple[int, int]) -> Any:
+    """``(N, Qx, Qy)`` -> ``(Rx, Ry, Qx, Qy)`` without reading anything."""
+    rx, ry = int(scan_shape[0]), int(scan_shape[1])
+    shape = tuple(int(s) for s in data.shape)
+    if isinstance(data, np.ndarray):
+        return data.reshape(rx, ry, shape[1], shape[2])
+    import dask.array as da
+
+    if not isinstance(data, da.Array):
+        data = _as_dask(data, rows_axis_len=ry)
+    else:
+        data = _align_frames(data, ry)
+    return data.reshape(rx, ry, shape[1], shape[2])
+
+
+def _frames_per_chunk(shape: tuple[int, ...], multiple: int, budget: int = 64 * 2**20,
+                      itemsize: int = 4) -> int:
+    frame = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    k = max(1, budget // max(frame, 1) // max(multiple, 1)) * max(multiple, 1)
+    return int(min(k, shape[0]))
+
+
+def _as_dask(data: Any, rows_axis_len: int = 1) -> Any:
+    """Wrap an h5py dataset (or anything sliceable) as a dask array chunked in whole scan rows
+    along the first axis."""
+    import dask.array as da
+
+    if isinstance(data, da.Array):
+        return data
+    shape = tuple(int(s) for s in data.shape)
+    k = _frames_per_chunk(shape, rows_axis_len, itemsize=np.dtype(data.dtype).itemsize)
+    return da.from_array(data, chunks=(k,) + shape[1:], asarray=True, fancy=False)
+
+
+def _align_frames(data: Any, ry: int) -> Any:
+    """Rechunk a dask frame stack so every chunk holds whole scan rows (cheap, lazy)."""
+    chunks = data.chunks[0]
+    if all(c % ry == 0 for c in chunks[:-1]) and len(data.chunks[1]) == 1 \
+            and len(data.chunks[2]) == 1:
+        return data
+    k = _frames_per_chunk(tuple(int(s) for s in data.shape), ry,
+                          itemsize=np.dtype(data.dtype).itemsize)
+    return data.rechunk((k, -1, -1))
+
+
+def probe(path: Path, data: Any, what: str = "data") -> None:
+    """Read the first and the last pattern so a truncated or corrupt file fails now, in one
+    clear line, instead of half-way through a long run."""
+    shape = tuple(int(s) for s in data.shape)
+    try:
+        for idx in ((0, 0), (shape[0] - 1, shape[1] - 1)):
+            block = data[idx[0]:idx[0] + 1, idx[1]:idx[1] + 1]
+            if hasattr(block, "compute"):
+                block = block.compute()
+            np.asarray(block)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
+        raise fail(path, f"cannot read the {what} (truncated or corrupt file?): "
+                   f"{first_line(err)}") from err
+
+
+def probe_frames(path: Path, dset: Any, what: str = "frames", axis: int = 0) -> None:
+    """Like :func:`probe` for a frame stack read directly (an h5py dataset): the first and
+    last frame along ``axis`` only, however the dask array over it is chunked."""
+    try:
+        n = int(dset.shape[axis])
+        for i in (0, n - 1):
+            idx = [slice(None)] * dset.ndim
+            idx[axis] = i
+            np.asarray(dset[tuple(idx)])
+    except Exception as err:  # noqa: BLE001
+        raise fail(path, f"cannot read the {what} (truncated or corrupt file?): "
+                   f"{first_line(err)}") from err
+
+
+def shape_str(shape: tuple[int, ...]) -> str:
+    return _shape_str(shape)

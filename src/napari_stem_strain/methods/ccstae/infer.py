@@ -1,0 +1,231 @@
+"""Fast streaming inference: the CC-ST-AE as a :class:`BlockMethod`.
+
+Per block of scan rows, in batches on the chosen device:
+beam centres -> encoder view -> encoder (transform guess + class) -> angular polish ->
+Gauss-Newton refinement against the base lattice (:mod:`.refine`) -> raw ``A``.
+
+Everything global is measured once in :meth:`CCSTAEMethod.prepare` from a few hundred patterns
+spread over the scan (beam position, disk radius, lattice unit, the disk template) and frozen,
+so every block is processed independently: one block or many gives identical results.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...device import resolve_device
+from ...strain import parse_region
+from ..base import BlockMethod, MethodResult, ProgressCallback, StopCallback, check_stop
+from .modelfile import Model, load_model
+from .preprocess import DataGeometry, as_patterns, beam_centres, encoder_input, measure_geometry
+from .refine import DiskTemplate, angular_search, lattice_points, make_template, refine
+
+__all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_patterns"]
+
+#: Number of base-lattice disks (beam included) the refinement uses: more is more precise,
+#: fewer is faster; 19 = the direct beam and the first three rings of a hexagonal lattice.
+N_DISKS = 19
+
+
+def sample_patterns(dataset: Any, max_patterns: int = 384, reference: str | None = None
+                    ) -> np.ndarray:
+    """Up to ``max_patterns`` patterns spread evenly over the scan (whole rows are read, so
+    only a few rows are touched), plus the reference region's when given."""
+    Rx, Ry = dataset.scan_shape
+    n_rows = int(min(Rx, max(1, np.ceil(np.sqrt(max_patterns * Rx / max(Ry, 1))))))
+    rows = np.unique(np.linspace(0, Rx - 1, n_rows).round().astype(int))
+    per_row = max(1, max_patterns // len(rows))
+    cols = np.unique(np.linspace(0, Ry - 1, min(Ry, per_row)).round().astype(int))
+    out = [dataset.read_rows(r, r + 1)[0][cols] for r in rows]
+    if reference:
+        rs, cs = parse_region(reference)
+        out.append(dataset.read_rows(*rs.indices(Rx)[:2])[:, cs].reshape(
+            -1, *dataset.pattern_shape))
+    return np.concatenate(out, 0).astype(np.float32)
+
+
+@dataclass
+class Engine:
+    """A model bound to one dataset's measured geometry: maps raw patterns to ``A``."""
+
+    model: Model
+    geom: DataGeometry
+    tpl: DiskTemplate
+    P: torch.Tensor
+    device: str = "cpu"
+    refine_steps: int = 3
+    polish_deg: float = 8.0
+
+    @classmethod
+    def build(cls, model: Model, sample: np.ndarray, device: str = "cpu",
+              refine_steps: int = 3, n_disks: int = N_DISKS) -> Engine:
+        """Measure geometry and template from ``sample`` patterns ``(M, Qx, Qy)``."""
+        geom = measure_geometry(sample)
+        pats = as_patterns(sample)
+        centres = beam_centres(pats, geom.c0, geom.r)
+        tpl = make_template(pats, centres, geom.r)
+        h = float(tpl.offsets.abs().max())
+        Q0, Q1 = geom.pattern_shape
+        edge = min(geom.c0[0], geom.c0[1], Q0 - 1 - geom.c0[0], Q1 - 1 - geom.c0[1])
+        pmax_edge = (edge - h - 1) / (geom.L * 1.03)
+        g1n = min(np.linalg.norm(model.g1), np.linalg.norm(model.g2))
+        if pmax_edge < g1n:
+            raise ValueError(
+                f"the {Q0}x{Q1} patterns do not hold a full first ring of Bragg disks "
+                f"(lattice unit {geom.L:.1f} px, disk radius {geom.r:.1f} px): the model "
+                "cannot be applied to this data")
+        allp = lattice_points(model.g1, model.g2, pmax_edge)
+        order = np.argsort(np.linalg.norm(allp, axis=1), kind="stable")
+        P = allp[order[:n_disks]]
+        net = model.net.to(device).eval()
+        model = Model(net, model.g1, model.g2, model.training, model.source)
+        return cls(model, geom, tpl.to(device), torch.tensor(P, device=device), device,
+                   refine_steps)
+
+    @torch.inference_mode()
+    def run(self, block: np.ndarray | torch.Tensor, init: str = "encoder"
+            ) -> dict[str, torch.Tensor]:
+        """``A`` (B,2,2) raw, sample probability, disks fitted and beam centre of a batch.
+
+        ``init="encoder"`` starts from the encoder (mapping); ``init="search"`` from an
+        exhaustive angular search over one symmetry period (self-training targets, robust for a
+        new material whose encoder is not trained yet).
+        """
+        pats = as_patterns(block, self.device)
+        g = self.geom
+        c = beam_centres(pats, g.c0, g.r)
+        net = self.model.net
+        x = encoder_input(pats, c, g, net.n, net.extent)
+        A0, prob = net.predict(x)
+        if init == "search":
+            eye = torch.eye(2, device=pats.device).expand(len(pats), 2, 2)
+            half = net.symmetry_deg / 2
+            A0 = angular_search(pats, c, eye, self.P, g.L, half, 2.0, g.r)
+            A0 = angular_search(pats, c, A0, self.P, g.L, 1.5, 0.5, g.r)
+        elif self.polish_deg > 0:
+            A0 = angular_search(pats, c, A0, self.P, g.L, self.polish_deg, 2.0, g.r)
+        A, t, n_ok = refine(pats, c, A0, self.P, g.L, self.tpl, steps=self.refine_steps)
+        return {"A": A, "prob": prob, "n_disks": n_ok, "centre": t, "x": x}
+
+
+class CCSTAEMethod(BlockMethod):
+    """CC-ST-AE strain mapping (see :mod:`napari_stem_strain.methods.ccstae`)."""
+
+    name = "ae"
+    block_bytes = 32 * 2**20
+
+    def __init__(self, model: Model | str | Path | None = None, device: str = "auto",
+                 batch_size: int | None = None, sample_mask: np.ndarray | None = None,
+                 reference: str | None = None, refine_steps: int = 3) -> None:
+        self.model = load_model(model if model is not None else "default")
+        self.device = resolve_device(device)
+        self.batch_size = int(batch_size) if batch_size else (4096 if self.device == "cuda"
+                                                                   else 512)
+        if self.batch_size < 1:
+            raise ValueError(f"batch size {batch_size} must be at least 1")
+        self.sample_mask = None if sample_mask is None else np.asarray(sample_mask, bool)
+        self.reference = reference
+        self.refine_steps = int(refine_steps)
+        self.engine: Engine | None = None
+        self.prob: np.ndarray | None = None
+
+    @property
+    def symmetry_deg(self) -> float:
+        return self.model.symmetry_deg
+
+    def prepare(self, dataset: Any, progress: ProgressCallback | None = None,
+                should_stop: StopCallback | None = None) -> None:
+        """Measure the geometry and disk template, and check that the model fits the data."""
+        check_stop(should_stop)
+        if self.sample_mask is not None and self.sample_mask.shape != tuple(dataset.scan_shape):
+            raise ValueError(f"sample mask of shape {self.sample_mask.shape} does not match the "
+                             f"{dataset.scan_shape} scan")
+        sample = sample_patterns(dataset, reference=self.reference)
+        self.engine = Engine.build(self.model, sample, self.device, self.refine_steps)
+        check_stop(should_stop)
+        out = self.engine.run(sample[:256])
+        crystal = out["prob"] > 0.5
+        if int(crystal.sum()) >= 8:
+            frac = float((out["n_disks"][crystal] >= 3).float().mean())
+            if frac < 0.5:
+                raise ValueError(
+                    f"the model ({self.model.lattice_kind} lattice, {self.model.source}) does not "
+                    f"fit this data: only {frac:.0%} of crystal patterns matched its lattice - "
+                    "train one with `stem-strain fit`")
+        self.prob = np.full(dataset.scan_shape, np.nan, np.float32)
+
+    def process_block(self, block: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.engine is None:
+            raise RuntimeError("prepare() must run before process_block()")
+        n, Ry = block.shape[:2]
+        flat = block.reshape(n * Ry, *block.shape[2:])
+        A = np.full((n * Ry, 2, 2), np.nan, np.float32)
+        prob = np.zeros(n * Ry, np.float32)
+        ok = np.zeros(n * Ry, bool)
+        for i in range(0, n * Ry, self.batch_size):
+            out = self.engine.run(flat[i:i + self.batch_size])
+            A[i:i + self.batch_size] = out["A"].cpu().numpy()
+            prob[i:i + self.batch_size] = out["prob"].cpu().numpy()
+            ok[i:i + self.batch_size] = (out["n_disks"] >= 2).cpu().numpy()
+        if self.sample_mask is not None:
+            sample = self.sample_mask[r0:r0 + n].reshape(-1)
+        else:
+            sample = prob > 0.5
+        A[~(sample & ok)] = np.nan
+        if self.prob is not None and self.prob.shape[1] == Ry:
+            self.prob[r0:r0 + n] = prob.reshape(n, Ry)
+        return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
+
+    def settings(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"model": self.model.source, "device": self.device,
+                             "batch_size": self.batch_size, "refine_steps": self.refine_steps,
+                             "lattice": self.model.lattice_kind,
+                             "symmetry_deg": self.symmetry_deg}
+        if self.engine is not None:
+            s["geometry"] = self.engine.geom.as_dict()
+            s["n_disks"] = int(self.engine.P.shape[0])
+        return s
+
+    def finish(self, A: np.ndarray, sample: np.ndarray, seconds: float) -> MethodResult:
+        extras = {} if self.prob is None else {"class_prob": self.prob}
+        return MethodResult("ae", A, sample, self.settings(), seconds, self.symmetry_deg, extras)
+
+
+def run_ccstae(dataset: Any, model: Model | str | Path | None = None, device: str = "auto",
+               reference: str | None = None, sample_mask: np.ndarray | None = None,
+               progress: ProgressCallback | None = None, should_stop: StopCallback | None = None,
+               **kw: Any) -> MethodResult:
+    """Map a whole dataset with the CC-ST-AE (``kw``: ``batch_size``, ``refine_steps``,
+    ``block_bytes``)."""
+    from ..runner import run_method
+
+    block_bytes = kw.pop("block_bytes", None)
+    method = CCSTAEMethod(model=model, device=device, sample_mask=sample_mask,
+                          reference=reference, **kw)
+    return run_method(method, dataset, progress=progress, should_stop=should_stop,
+                      block_bytes=block_bytes)
+
+
+def predict_pattern(model: Model | str | Path | None, pattern: np.ndarray,
+                    engine: Engine | None = None) -> dict[str, Any]:
+    """``A`` (2x2 raw) and sample probability of one pattern, for the probe inspector.
+
+    Without an ``engine`` (a prepared :class:`CCSTAEMethod`'s ``engine``), the geometry is
+    measured from the pattern itself.
+    """
+    pat = np.asarray(pattern, np.float32)
+    if pat.ndim != 2:
+        raise ValueError(f"a single pattern is 2D, not of shape {pat.shape}")
+    if engine is None:
+        engine = Engine.build(load_model(model if model is not None else "default"), pat[None])
+    t0 = time.perf_counter()
+    out = engine.run(pat[None])
+    A = out["A"][0].cpu().numpy().astype(np.float64)
+    return {"A": A, "sample_prob": float(out["prob"][0]), "centre": out["centre"][0].cpu().numpy(),
+            "n_disks": int(out["n_disks"][0]), "seconds": time.perf_counter() - t0}

@@ -1,0 +1,351 @@
+"""Self-supervised fitting of a CC-ST-AE to a user's dataset (``stem-strain fit``).
+
+1. **Lattice.** Keep the initial model's base lattice when it matches the data; otherwise read
+   the lattice off the data itself (peaks of the reference region's mean centred pattern, or of
+   the most strongly diffracting sampled pattern), snapped to an exact hexagonal/square lattice
+   when it is one - a new material needs no hand-set lattice or rotation offset.
+2. **Targets without ground truth.** Each training pattern is registered to the base lattice by
+   an exhaustive angular search over one symmetry period followed by the Gauss-Newton
+   refinement (:mod:`.refine`). These self-made targets teach the encoder a good first guess.
+3. **Base.** The sample base starts as the mean of the training patterns warped into the base
+   frame (with their targets), the background base as the mean vacuum pattern.
+4. **Training.** Cycle-consistent loss inside the base's disk masks (masks recomputed each
+   epoch) + the targets, Adam, early stopping on a held-out tenth, a checkpoint after every epoch
+   (``OUT.ckpt``, resumed automatically), deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...device import resolve_device
+from ...strain import parse_region
+from ..base import ProgressCallback, StopCallback, check_stop
+from .loss import ccstae_loss, disk_mask
+from .model import warp
+from .modelfile import Model, load_model, new_model, save_model
+from .preprocess import as_patterns, beam_centres, measure_geometry
+from .refine import fit_lattice
+
+__all__ = ["fit_model", "collect_training_set", "train_model", "lattice_from_pattern",
+           "DEFAULT_EPOCHS"]
+
+DEFAULT_EPOCHS = 40
+MAX_TRAIN = 2048
+
+
+def lattice_from_pattern(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Base lattice ``(g1, g2)`` in lattice units and its symmetry from one (mean) pattern.
+
+    Peaks = local maxima of the square-rooted pattern, beyond the direct beam, standing clearly
+    above the local background (median + 6 robust sigma), refined by a centre of mass.
+    """
+    import torch.nn.functional as F
+
+    from ...strain import lattice_symmetry
+
+    geom = measure_geometry(pattern[None])
+    pats = as_patterns(pattern[None])
+    c = beam_centres(pats, geom.c0, geom.r)[0].numpy()
+    s = torch.sqrt(pats.clamp(min=0))[0]
+    k = 2 * int(np.ceil(geom.r)) + 1
+    mx = F.max_pool2d(s[None, None], k, 1, k // 2)[0, 0]
+    Q0, Q1 = s.shape
+    ii, jj = np.mgrid[0:Q0, 0:Q1]
+    rad = np.hypot(ii - c[0], jj - c[1])
+    ring = rad > 1.8 * geom.r + 2
+    vals = s.numpy()[ring]
+    med = np.median(vals)
+    sig = 1.4826 * np.median(np.abs(vals - med)) + 1e-12
+    peak = (s == mx).numpy() & ring & (s.numpy() > med + 6 * sig)
+    peak &= (ii > geom.r) & (ii < Q0 - 1 - geom.r) & (jj > geom.r) & (jj < Q1 - 1 - geom.r)
+    pi, pj = np.nonzero(peak)
+    if len(pi) < 2:
+        raise ValueError("fewer than two Bragg disks stand out of the noise: cannot determine "
+                         "the lattice (choose a reference region on the crystal)")
+    sn = s.numpy()
+    pts, wts = [], []
+    R = int(np.ceil(geom.r))
+    for a, b in zip(pi, pj, strict=True):
+        win = np.clip(sn[a - R:a + R + 1, b - R:b + R + 1] - med, 0, None)
+        wi, wj = np.mgrid[-R:R + 1, -R:R + 1]
+        tot = win.sum() + 1e-12
+        pts.append(((a + (win * wi).sum() / tot - c[0]) / geom.L,
+                    (b + (win * wj).sum() / tot - c[1]) / geom.L))
+        wts.append(tot)
+    g1, g2 = fit_lattice(np.asarray(pts), np.asarray(wts))
+    # lattice units: the shortest Bragg vector has length 1, as the mapping's measured L
+    unit = min(np.linalg.norm(g1), np.linalg.norm(g2))
+    g1, g2 = g1 / unit, g2 / unit
+    sym = lattice_symmetry(g1, g2, tol=0.05)
+    g1, g2 = _snap(g1, g2, sym)
+    return g1, g2, sym
+
+
+def _snap(g1: np.ndarray, g2: np.ndarray, sym: float) -> tuple[np.ndarray, np.ndarray]:
+    """Replace a nearly hexagonal/square basis by an exact one (same mean length, ``g1``'s
+    direction), so that rotations by the symmetry period map the base exactly onto itself."""
+    if sym not in (60.0, 90.0):
+        return g1, g2
+    n = 0.5 * (np.linalg.norm(g1) + np.linalg.norm(g2))
+    a = np.arctan2(g1[1], g1[0])
+    side = np.sign(np.cross(g1, g2)) or 1.0
+    b = a + side * np.deg2rad(sym)
+    return n * np.array([np.cos(a), np.sin(a)]), n * np.array([np.cos(b), np.sin(b)])
+
+
+def collect_training_set(
+    engine: Any, dataset: Any, max_patterns: int = MAX_TRAIN,
+    should_stop: StopCallback | None = None, batch: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Encoder views, self-made target ``A`` and sample flags of up to ``max_patterns``
+    positions spread over the scan (streamed block by block; nothing else is kept)."""
+    Rx, Ry = dataset.scan_shape
+    stride = max(1, int(np.ceil(Rx * Ry / max_patterns)))
+    xs, As, ss = [], [], []
+    offset = 0
+    for r0, r1, block in dataset.iter_blocks(max_bytes=32 * 2**20):
+        check_stop(should_stop)
+        flat = block.reshape(-1, *block.shape[2:])
+        idx = np.arange(offset, offset + len(flat))
+        pick = flat[(idx % stride) == 0]
+        offset += len(flat)
+        for i in range(0, len(pick), batch):
+            out = engine.run(pick[i:i + batch], init="search")
+            xs.append(out["x"].cpu())
+            As.append(out["A"].cpu())
+            ss.append((out["n_disks"] >= 3).cpu())
+        del r0, r1
+    return {"x": torch.cat(xs), "A": torch.cat(As), "sample": torch.cat(ss)}
+
+
+def _init_bases(model: Model, data: dict[str, torch.Tensor]) -> None:
+    """Sample base = mean of the sample patterns warped into the base frame; background base =
+    mean of the rest (zeros when the scan has no vacuum)."""
+    net = model.net
+    s = data["sample"]
+    with torch.no_grad():
+        if s.any():
+            xs, As = data["x"][s], data["A"][s]
+            acc = torch.zeros(1, 1, net.n, net.n)
+            for i in range(0, len(xs), 256):
+                acc += warp(xs[i:i + 256], As[i:i + 256], net.extent).sum(0, keepdim=True)
+            net.base[1].copy_(acc[0, 0] / len(xs))
+        if (~s).any():
+            net.base[0].copy_(data["x"][~s].mean(0)[0])
+        else:
+            net.base[0].zero_()
+
+
+def _signature(data: dict[str, torch.Tensor], seed: int, epochs: int) -> str:
+    h = hashlib.sha1()
+    h.update(data["x"][:: max(1, len(data["x"]) // 64)].numpy().tobytes())
+    h.update(f"{seed}:{epochs}".encode())
+    return h.hexdigest()[:16]
+
+
+def train_model(
+    model: Model, data: dict[str, torch.Tensor], epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+    device: str = "cpu", lr: float = 2e-3, batch: int = 64, patience: int = 6,
+    checkpoint: Path | None = None, resume: bool = True,
+    progress: ProgressCallback | None = None, should_stop: StopCallback | None = None,
+    init_bases: bool = True,
+) -> tuple[Model, dict[str, Any]]:
+    """Train ``model`` in place on ``data`` (from :func:`collect_training_set`).
+
+    Returns the model holding the best (lowest held-out loss) weights, and a history dict.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data["x"])
+    if n < 8:
+        raise ValueError(f"only {n} patterns to train on: the scan is too small to fit a model")
+    perm = torch.randperm(n, generator=gen)
+    n_val = max(2, n // 10)
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    net = model.net.to(device).train()
+    if init_bases:
+        _init_bases(model, data)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sig = _signature(data, seed, epochs)
+    start, best, best_state, history, bad = 0, float("inf"), None, [], 0
+    if checkpoint is not None and resume and checkpoint.exists():
+        try:
+            ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            if ck.get("signature") == sig:
+                net.load_state_dict(ck["state"])
+                opt.load_state_dict(ck["opt"])
+                start, best, history, bad = ck["epoch"], ck["best"], ck["history"], ck["bad"]
+                best_state = ck["best_state"]
+                gen.set_state(ck["gen"])
+        except Exception:  # noqa: BLE001 - a damaged checkpoint just means starting over
+            start = 0
+    for epoch in range(start, epochs):
+        if bad >= patience:
+            break
+        check_stop(should_stop)
+        mask = disk_mask(net.base[1]).to(device)
+        order = tr_idx[torch.randperm(len(tr_idx), generator=gen)]
+        net.train()
+        tot, cnt = 0.0, 0
+        for i in range(0, len(order), batch):
+            j = order[i:i + batch]
+            loss, parts = ccstae_loss(net, data["x"][j].to(device), mask, data["A"][j].to(device),
+                                      data["sample"][j].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += parts["loss"] * len(j)
+            cnt += len(j)
+        net.eval()
+        with torch.no_grad():
+            vl = 0.0
+            for i in range(0, n_val, 256):
+                j = val_idx[i:i + 256]
+                _, parts = ccstae_loss(net, data["x"][j].to(device), mask,
+                                       data["A"][j].to(device), data["sample"][j].to(device))
+                vl += parts["loss"] * len(j)
+            vl /= n_val
+        history.append({"epoch": epoch + 1, "train": tot / max(cnt, 1), "val": vl})
+        if vl < best - 1e-6:
+            best, bad = vl, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+        if checkpoint is not None:
+            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+            torch.save({"signature": sig, "state": net.state_dict(), "opt": opt.state_dict(),
+                        "epoch": epoch + 1, "best": best, "history": history, "bad": bad,
+                        "best_state": best_state, "gen": gen.get_state()}, tmp)
+            tmp.replace(checkpoint)
+        if progress is not None:
+            progress(epoch + 1, epochs, f"loss {tot / max(cnt, 1):.4f} val {vl:.4f}")
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval().cpu()
+    return model, {"history": history, "best_val": best,
+                   "stopped_early": len(history) < epochs}
+
+
+def _same_lattice(model: Model, g1: np.ndarray, g2: np.ndarray, sym: float) -> bool:
+    if sym != model.symmetry_deg:
+        return False
+    ratio_m = np.linalg.norm(model.g2) / np.linalg.norm(model.g1)
+    ratio_d = np.linalg.norm(g2) / np.linalg.norm(g1)
+    cm = abs(model.g1 @ model.g2) / (np.linalg.norm(model.g1) * np.linalg.norm(model.g2))
+    cd = abs(g1 @ g2) / (np.linalg.norm(g1) * np.linalg.norm(g2))
+    return abs(ratio_m - ratio_d) < 0.05 and abs(cm - cd) < 0.05
+
+
+def fit_model(
+    dataset: Any, init: str | Path | Model = "default", epochs: int | None = None, seed: int = 0,
+    out: str | Path = "model.pt", progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None, resume: bool = True, reference: str | None = None,
+    device: str = "auto", max_patterns: int = MAX_TRAIN,
+) -> Path:
+    """Fit a CC-ST-AE to ``dataset`` (self-supervised) and write it to ``out``; returns the path.
+
+    Progress reports each epoch with the loss; ``should_stop`` cancels between batches of work
+    (the checkpoint ``OUT.ckpt`` lets a later call resume).
+    """
+    from .infer import Engine, sample_patterns
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not out.parent.exists():
+        raise ValueError(f"output folder {out.parent} does not exist")
+    dev = resolve_device(device)
+    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, not {epochs}")
+    base = load_model(init)
+    model = base.copy()
+    sample = sample_patterns(dataset, reference=reference)
+    check_stop(should_stop)
+    # the data's own lattice, from the reference region (or the strongest-diffracting pattern)
+    if reference:
+        rs, cs = parse_region(reference)
+        Rx = dataset.scan_shape[0]
+        ref = dataset.read_rows(*rs.indices(Rx)[:2])[:, cs].reshape(-1, *dataset.pattern_shape)
+        probe = _centred_mean(ref)
+    else:
+        probe = _strongest(dataset, sample)
+    g1, g2, sym = lattice_from_pattern(probe)
+    kept = _same_lattice(model, g1, g2, sym)
+    if not kept:
+        fresh = new_model(g1, g2, n=model.net.n, extent=model.net.extent,
+                          width=model.net.features[0].out_channels, seed=seed)
+        # keep what transfers (the feature extractor); the base is rebuilt from the data
+        fresh.net.load_state_dict({k: v for k, v in model.net.state_dict().items()
+                                   if k != "base"}, strict=False)
+        model = fresh
+    engine = Engine.build(model, sample, dev)
+    if progress is not None:
+        progress(0, epochs, "registering training patterns")
+    data = collect_training_set(engine, dataset, max_patterns, should_stop)
+    if int(data["sample"].sum()) < 8:
+        raise ValueError("fewer than 8 crystal patterns could be registered to the lattice: "
+                         "nothing to fit")
+    model, info = train_model(model, data, epochs=epochs, seed=seed, device=dev,
+                              checkpoint=out.with_name(out.name + ".ckpt"), resume=resume,
+                              progress=progress, should_stop=should_stop)
+    model.training = {
+        "kind": "fit (self-supervised)",
+        "init": str(getattr(base, "source", init)),
+        "data": str(getattr(dataset, "source", "") or getattr(dataset, "name", "")),
+        "scan_shape": list(dataset.scan_shape), "pattern_shape": list(dataset.pattern_shape),
+        "geometry": engine.geom.as_dict(), "lattice_from": "model" if kept else "data",
+        "reference": reference, "epochs": epochs, "seed": seed, "patterns": len(data["x"]),
+        "best_val": info["best_val"], "epochs_run": len(info["history"]),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    save_model(model, out)
+    ck = out.with_name(out.name + ".ckpt")
+    if ck.exists():
+        ck.unlink()
+    return out
+
+
+def _centred_mean(pats: np.ndarray) -> np.ndarray:
+    """Mean of patterns each shifted (bilinear) so its direct beam sits at the first one's."""
+    from .preprocess import sample_points
+
+    geom = measure_geometry(pats)
+    t = as_patterns(pats)
+    c = beam_centres(t, geom.c0, geom.r)
+    Q0, Q1 = t.shape[-2:]
+    ii, jj = torch.meshgrid(torch.arange(Q0, dtype=torch.float32),
+                            torch.arange(Q1, dtype=torch.float32), indexing="ij")
+    grid = torch.stack([ii, jj], -1).reshape(1, -1, 2)
+    shifted = sample_points(t, grid + (c - c[:1])[:, None, :])
+    return shifted.mean(0).reshape(Q0, Q1).numpy()
+
+
+def _strongest(dataset: Any, sample: np.ndarray, grid: int = 16) -> np.ndarray:
+    """Centred mean of the 3x3 positions around the most strongly diffracting position of a
+    coarse grid over the scan: a clean single-grain pattern when no reference is given."""
+    Rx, Ry = dataset.scan_shape
+    rows = np.unique(np.linspace(1, max(1, Rx - 2), min(Rx, grid)).round().astype(int))
+    cols = np.unique(np.linspace(1, max(1, Ry - 2), min(Ry, grid)).round().astype(int))
+    geom = measure_geometry(sample)
+    Q0, Q1 = dataset.pattern_shape
+    ii, jj = np.mgrid[0:Q0, 0:Q1]
+    ring = torch.tensor(np.hypot(ii - geom.c0[0], jj - geom.c0[1]) > 1.8 * geom.r + 3)
+    best, where = -1.0, (0, 0)
+    for r in rows:
+        pats = dataset.read_rows(r, r + 1)[0][cols]
+        t = torch.sqrt(as_patterns(pats).clamp(min=0))
+        score = t[:, ring].std(1)
+        k = int(torch.argmax(score))
+        if float(score[k]) > best:
+            best, where = float(score[k]), (int(r), int(cols[k]))
+    r0, r1 = max(0, where[0] - 1), min(Rx, where[0] + 2)
+    c0, c1 = max(0, where[1] - 1), min(Ry, where[1] + 2)
+    block = dataset.read_rows(r0, r1)[:, c0:c1].reshape(-1, *dataset.pattern_shape)
+    return _centred_mean(block)

@@ -1,0 +1,495 @@
+"""The conventional baseline: py4DSTEM Bragg-disk detection + per-position lattice indexing.
+
+Fully automatic - every setting is measured from the data in :meth:`Py4DSTEMMethod.prepare`:
+
+* the direct beam (centre, radius, edge softness) on a grid of sampled positions;
+* vacuum: positions that keep nearly all counts in the bright field (a clearly bimodal
+  bright-field fraction); a vacuum probe template is averaged from them (descan removed), or,
+  with no vacuum in the scan, a synthetic disk of the measured radius and edge is used;
+* the correlation kernel: py4DSTEM's edge-sigmoid probe kernel;
+* the basis ``b1, b2``: the lattice of the descan-aligned mean pattern of the reference region
+  (or, without one, of the best-indexed sampled pattern);
+* the detection threshold: from the correlation's own noise floor - the intensity of the
+  maxima that lie *off* the lattice in sampled patterns (noise, ringing), not a fraction of
+  the direct beam, which fails when first-order disks hold well under 1 % of it.
+
+Per position (:meth:`Py4DSTEMMethod.process_block`) py4DSTEM's ``find_Bragg_disks`` finds the
+disks; :mod:`._py4dstem_lattice` rotates the basis to the best-indexing orientation (any grain
+rotation) and least-squares fits ``origin + h g1 + k g2``. The raw ``A`` solves
+``[g1 g2] = A [b1 b2]``; strain comes from :mod:`napari_stem_strain.strain` (not py4DSTEM's
+``get_strain``, whose small-strain formula mixes rotation into strain, see CONVENTIONS.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..strain import lattice_symmetry, parse_region
+from ._py4dstem_lattice import find_basis, index_pattern
+from ._py4dstem_probe import (
+    aligned_mean,
+    beam_centre_radius,
+    edge_width,
+    subtract_local_background,
+    vacuum_split,
+)
+from .base import (
+    BlockMethod,
+    MethodResult,
+    ProgressCallback,
+    StopCallback,
+    check_stop,
+)
+
+__all__ = ["Py4DSTEMMethod", "run_py4dstem", "detect_disks", "DEFAULTS"]
+
+#: Settings a caller may override (anything else is derived from the data). ``None`` = derive.
+DEFAULTS: dict[str, Any] = {
+    "probe_radius": None,  # direct-beam radius, px
+    "threshold": None,  # minAbsoluteIntensity of the correlation maxima
+    "vacuum_threshold": None,  # bright-field fraction above which a position is vacuum
+    "subpixel": "multicorr",  # py4DSTEM subpixel mode: 'poly' or 'multicorr'
+    "upsample_factor": 16,
+    "tolerance": None,  # indexing tolerance, px (default 0.2 x shortest basis vector)
+    "min_peaks": None,  # Bragg disks (besides the direct beam) needed for a fit (>= 4)
+    "max_rms": None,  # largest rms residual (px) of an accepted lattice fit
+    "max_strain": 0.25,  # reject fits further than this from the basis cell (mis-indexing)
+    "n_sample": 256,  # positions sampled by prepare()
+    "threshold_quantile": 0.9,  # quantile of off-lattice maxima taken as the noise floor
+}
+
+
+def _mpl_quiet() -> None:
+    """py4DSTEM draws with matplotlib in some calls: make sure nothing can pop up a window.
+
+    Only when no backend was chosen yet (napari/Qt users keep theirs); every call here passes
+    plot=False anyway."""
+    if "MPLBACKEND" not in os.environ:
+        import matplotlib
+
+        if matplotlib.get_backend().lower() not in {"agg", "qtagg", "module://matplotlib_inline.backend_inline"}:
+            try:
+                matplotlib.use("Agg")
+            except Exception:  # noqa: BLE001 - a backend already in use is fine
+                pass
+
+
+@dataclass
+class _Derived:
+    """Everything prepare() measured; self-contained and picklable (dask workers get a copy)."""
+
+    radius: float
+    centre: tuple[float, float]
+    kernel: np.ndarray
+    basis: np.ndarray  # (2, 2), columns b1, b2
+    symmetry_deg: float
+    threshold: float
+    vacuum_threshold: float | None
+    probe_source: str
+    tolerance: float
+    min_spacing: float
+    edge_boundary: int
+    max_peaks: int
+    sigma_cc: float
+    subpixel: str = "multicorr"
+    upsample_factor: int = 16
+    min_peaks: int = 4
+    max_rms: float = 1.0
+
+
+class Py4DSTEMMethod(BlockMethod):
+    """py4DSTEM disk detection + per-position lattice fit, as a streaming :class:`BlockMethod`."""
+
+    name = "py4dstem"
+    block_bytes = 16 * 2**20
+
+    def __init__(
+        self,
+        sample_mask: np.ndarray | None = None,
+        reference: str | tuple[slice, slice] | None = None,
+        **overrides: Any,
+    ) -> None:
+        unknown = sorted(set(overrides) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"unknown py4DSTEM setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(DEFAULTS))}"
+            )
+        if overrides.get("subpixel", "multicorr") not in ("poly", "multicorr", "pixel"):
+            raise ValueError("subpixel must be 'poly', 'multicorr' or 'pixel'")
+        self.opts = {**DEFAULTS, **overrides}
+        self.sample_mask = None if sample_mask is None else np.asarray(sample_mask, bool)
+        if isinstance(reference, str):
+            reference = parse_region(reference) if reference.strip() else None
+        self.reference = reference
+        self.derived: _Derived | None = None
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(
+        self,
+        dataset: Any,
+        progress: ProgressCallback | None = None,
+        should_stop: StopCallback | None = None,
+    ) -> None:
+        """Measure beam, vacuum, template, kernel, basis and threshold from sampled positions."""
+        from py4DSTEM.braggvectors.probe import Probe
+
+        _mpl_quiet()
+        Rx, Ry = dataset.scan_shape
+        if self.sample_mask is not None and self.sample_mask.shape != (Rx, Ry):
+            raise ValueError(
+                f"sample mask has shape {self.sample_mask.shape}, the scan is {Rx}x{Ry}"
+            )
+        total = Rx * Ry
+
+        def say(msg: str) -> None:
+            check_stop(should_stop)
+            if progress is not None:
+                progress(0, total, f"py4dstem: {msg}")
+
+        say("measuring the direct beam")
+        pos, pats = _sample_positions(dataset, int(self.opts["n_sample"]))
+        beams = np.array([beam_centre_radius(p) for p in pats])
+        centres = beams[:, :2]
+        radius = float(self.opts["probe_radius"] or np.median(beams[:, 2]))
+        if not (radius >= 0.5):
+            raise ValueError("no direct beam found in the patterns (all empty?)")
+        centre = np.median(centres, axis=0)
+        width = edge_width(aligned_mean(pats, centres, centre), tuple(centre))
+
+        # stage 1: synthetic-disk kernel -> basis -> lattice signal -> vacuum
+        probe = _synthetic_disk(pats.shape[1:], centre, radius, width)
+        source = f"synthetic disk r={radius:.2f} edge={width:.2f}"
+        st = self._state_for(_kernel(probe, centre, radius), centre, radius, np.eye(2), 1.0,
+                             source)
+        say("finding the lattice basis")
+        st = self._with_basis(st, dataset, pats)
+        given_mask = self.sample_mask is not None
+        if given_mask:
+            is_vac = ~self.sample_mask[pos[:, 0], pos[:, 1]]
+        else:
+            say("looking for vacuum")
+            sig = self._signals(pats, st)
+            vac_t = self.opts["vacuum_threshold"]
+            vac_t = vacuum_split(sig) if vac_t is None else float(vac_t)
+            is_vac = sig <= vac_t if vac_t is not None else np.zeros(len(pats), bool)
+
+        # stage 2: a vacuum probe when the scan has vacuum
+        if is_vac.sum() >= 3:
+            say("building the vacuum probe template")
+            mean = aligned_mean(pats[is_vac], centres[is_vac], centre)
+            mean = subtract_local_background(mean, centre, radius)
+            probe = np.asarray(Probe.from_vacuum_data(mean).probe, np.float64)
+            source = f"vacuum ({int(is_vac.sum())} sampled positions)"
+            st = self._state_for(_kernel(probe, centre, radius), centre, radius, st.basis,
+                                 st.tolerance, source)
+            st = self._with_basis(st, dataset, pats[~is_vac])
+        crystal = ~is_vac
+        if not crystal.any():
+            raise ValueError("every sampled position looks like vacuum: no crystal to map")
+
+        say("measuring the noise floor")
+        thr = self.opts["threshold"]
+        if thr is None:
+            thr = _noise_floor(pats[crystal][:64], st, float(self.opts["threshold_quantile"]))
+        st.threshold = float(thr)
+        say("measuring the fit quality")
+        st.min_peaks, st.max_rms = self._acceptance(pats[crystal][:64], st)
+        if not given_mask:
+            vac_t = self.opts["vacuum_threshold"]
+            if vac_t is None and is_vac.any():
+                # the split again, with the final kernel and threshold
+                vac_t = vacuum_split(self._signals(pats, st))
+            st.vacuum_threshold = None if vac_t is None else float(vac_t)
+        self.derived = st
+
+    def _state_for(
+        self, kernel: np.ndarray, centre: np.ndarray, radius: float, basis: np.ndarray,
+        tolerance: float, source: str,
+    ) -> _Derived:
+        """Detection settings for a correlation kernel and a basis (identity: none yet)."""
+        bmin = float(np.min(np.linalg.norm(basis, axis=0)))
+        area = abs(float(np.linalg.det(basis)))
+        n_sites = kernel.size / max(area, 1.0)
+        return _Derived(
+            radius=radius,
+            centre=(float(centre[0]), float(centre[1])),
+            kernel=kernel,
+            basis=basis,
+            symmetry_deg=lattice_symmetry(basis[:, 0], basis[:, 1]),
+            threshold=0.0,
+            vacuum_threshold=None,
+            probe_source=source,
+            tolerance=tolerance,
+            min_spacing=max(1.5 * radius, 0.4 * bmin) if area > 1.0 else 1.5 * radius,
+            edge_boundary=int(np.ceil(radius + 1)),
+            max_peaks=int(min(500, max(20, 3 * n_sites))) if area > 1.0 else 200,
+            sigma_cc=float(np.clip(radius / 4.0, 0.5, 2.0)),
+            subpixel=str(self.opts["subpixel"]),
+            upsample_factor=int(self.opts["upsample_factor"]),
+        )
+
+    def _with_basis(self, st: _Derived, dataset: Any, pats: np.ndarray) -> _Derived:
+        """Find the basis (reference region's aligned mean, else the best sampled pattern) and
+        return the settings that depend on it."""
+        tol = max(1.0, 0.5 * st.radius)
+        centre = np.asarray(st.centre)
+        if self.reference is not None:
+            ref = _read_region(dataset, self.reference, 400)
+            c = np.array([beam_centre_radius(p)[:2] for p in ref])
+            g1, g2, _ = _basis_from(aligned_mean(ref, c, centre), st, tol)
+        else:
+            best = None
+            for p in pats[:64]:
+                try:
+                    g = _basis_from(p, st, tol, subpixel="poly")
+                except ValueError:
+                    continue
+                if best is None or g[2] > best[2]:
+                    best = g
+            if best is None:
+                raise ValueError("no sampled pattern shows a lattice of Bragg disks")
+            g1, g2 = best[0], best[1]
+        basis = np.stack([g1, g2], axis=1)
+        bmin = float(min(np.linalg.norm(g1), np.linalg.norm(g2)))
+        tol = float(self.opts["tolerance"] or 0.2 * bmin)
+        return self._state_for(st.kernel, centre, st.radius, basis, tol, st.probe_source)
+
+    def _acceptance(self, pats: np.ndarray, st: _Derived) -> tuple[int, float]:
+        """How many indexed disks and how loose a fit a crystal position of *this* dataset
+        gives: ``min_peaks`` = 30 % of the median count (at least 4) and ``max_rms`` = 3x the
+        90th percentile of the rms residuals (between 0.05 and 0.4 tolerance). Fits outside
+        these are chance alignments of noise maxima, not the crystal."""
+        n_idx, rms = [], []
+        for peaks, inten in _detect(pats, st, st.threshold):
+            fit = index_pattern(peaks, inten, st.basis, st.symmetry_deg, st.tolerance,
+                                min_peaks=4, max_rms=0.4 * st.tolerance).fit
+            if fit is not None:
+                n_idx.append(fit.n_indexed)
+                rms.append(fit.rms)
+        mp, mr = self.opts["min_peaks"], self.opts["max_rms"]
+        if mp is None:
+            mp = max(4, int(round(0.3 * np.median(n_idx)))) if n_idx else 4
+        if mr is None:
+            mr = (float(np.clip(3.0 * np.quantile(rms, 0.9), 0.05 * st.tolerance,
+                                0.4 * st.tolerance)) if rms else 0.15 * st.tolerance)
+        return int(mp), float(mr)
+
+    def _signals(self, pats: np.ndarray, st: _Derived) -> np.ndarray:
+        """Lattice signal of each pattern (see :class:`IndexResult`)."""
+        out = []
+        for peaks, inten in _detect(pats, st, st.threshold, subpixel="poly"):
+            out.append(index_pattern(peaks, inten, st.basis, st.symmetry_deg, st.tolerance,
+                                     min_peaks=4, max_rms=0.4 * st.tolerance).signal)
+        return np.asarray(out)
+
+    # ------------------------------------------------------------------ blocks
+    def process_block(self, block: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw ``A`` ``(n, Ry, 2, 2)`` (NaN where unfitted or vacuum) and the sample mask."""
+        st = self._state()
+        n, Ry = block.shape[:2]
+        flat = np.asarray(block, np.float32).reshape(n * Ry, *block.shape[2:])
+        found = _detect(flat, st, st.threshold)
+        A = np.full((n * Ry, 2, 2), np.nan, np.float32)
+        if self.sample_mask is not None:
+            sample = self.sample_mask[r0 : r0 + n].reshape(-1).copy()
+        else:
+            sample = np.ones(n * Ry, bool)
+        binv = np.linalg.inv(st.basis)
+        for i, (peaks, inten) in enumerate(found):
+            res = index_pattern(peaks, inten, st.basis, st.symmetry_deg, st.tolerance,
+                                min_peaks=st.min_peaks, max_strain=float(self.opts["max_strain"]),
+                                max_rms=st.max_rms)
+            if self.sample_mask is None and st.vacuum_threshold is not None:
+                sample[i] = res.signal > st.vacuum_threshold
+            if sample[i] and res.fit is not None:
+                A[i] = res.fit.G @ binv
+        return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
+
+    def finish(self, A: np.ndarray, sample: np.ndarray, seconds: float) -> MethodResult:
+        st = self._state()
+        A = np.asarray(A, np.float32).copy()
+        A[~sample] = np.nan
+        return MethodResult(self.name, A, sample, self.settings(), seconds, st.symmetry_deg)
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: v for k, v in self.opts.items()}
+        st = self.derived
+        if st is not None:
+            out.update(
+                probe_radius=round(st.radius, 3),
+                beam_centre=[round(c, 2) for c in st.centre],
+                probe_template=st.probe_source,
+                kernel="py4DSTEM edge sigmoid, radii (r, 2r)",
+                basis_g1=[round(float(v), 4) for v in st.basis[:, 0]],
+                basis_g2=[round(float(v), 4) for v in st.basis[:, 1]],
+                symmetry_deg=st.symmetry_deg,
+                threshold=float(st.threshold),
+                vacuum_threshold=st.vacuum_threshold,
+                tolerance=round(st.tolerance, 3),
+                min_peak_spacing=round(st.min_spacing, 3),
+                edge_boundary=st.edge_boundary,
+                max_peaks=st.max_peaks,
+                sigma_cc=st.sigma_cc,
+                min_peaks=st.min_peaks,
+                max_rms=round(st.max_rms, 4),
+            )
+        if self.reference is not None:
+            r, c = self.reference
+            out["reference"] = f"{r.start}:{r.stop},{c.start}:{c.stop}"
+        return out
+
+    @property
+    def symmetry_deg(self) -> float:
+        return self._state().symmetry_deg
+
+    def _state(self) -> _Derived:
+        if self.derived is None:
+            raise RuntimeError("Py4DSTEMMethod.prepare() must run before processing blocks")
+        return self.derived
+
+
+# ---------------------------------------------------------------------- helpers
+def _synthetic_disk(
+    shape: tuple[int, int], centre: np.ndarray, radius: float, width: float
+) -> np.ndarray:
+    """A disk with a logistic edge at ``centre`` (py4DSTEM's synthetic probe is always centred
+    on the detector; ours sits on the measured beam so the kernel origin is exact)."""
+    xx, yy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    r = np.hypot(xx - centre[0], yy - centre[1]) - radius
+    return 1.0 / (1.0 + np.exp(4.0 * r / width))
+
+
+def _kernel(probe: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
+    """py4DSTEM's edge-sigmoid correlation kernel: the probe minus a smooth disk out to ``2r``
+    (zero mean), which sharpens the correlation peak and ignores smooth background."""
+    from py4DSTEM.braggvectors.probe import Probe
+
+    return Probe.get_probe_kernel_edge_sigmoid(
+        probe, radii=(radius, 2.0 * radius), origin=(float(centre[0]), float(centre[1]))
+    )
+
+
+def _basis_from(
+    pattern: np.ndarray, st: _Derived, tol: float, subpixel: str | None = None
+) -> tuple:
+    """``(g1, g2, n_indexed)`` of one (high signal-to-noise) pattern."""
+    peaks, inten = _detect(pattern[None], st, threshold=0.0, subpixel=subpixel)[0]
+    if len(peaks) < 3:
+        raise ValueError("fewer than two Bragg disks found: cannot determine the lattice")
+    c = int(np.argmax(inten))
+    keep = np.arange(len(peaks)) != c
+    return find_basis(peaks[keep] - peaks[c], inten[keep], tol)
+
+
+def _detect(
+    patterns: np.ndarray, st: _Derived, threshold: float, subpixel: str | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """py4DSTEM ``find_Bragg_disks`` on a stack of patterns -> ``[(peaks (N,2), intensity)]``.
+
+    A 3D stack rather than a DataCube: the same per-pattern code path, without the DataCube's
+    console progress bar (this package reports progress through its own callback).
+    ``subpixel`` overrides the precise mode where only a rough position matters (prepare).
+    """
+    from py4DSTEM.braggvectors.diskdetection import find_Bragg_disks
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # flat maxima in empty regions
+        res = find_Bragg_disks(
+            np.asarray(patterns, np.float64),
+            st.kernel,
+            sigma_cc=st.sigma_cc,
+            subpixel=subpixel or st.subpixel,
+            upsample_factor=st.upsample_factor,
+            minAbsoluteIntensity=threshold,
+            minRelativeIntensity=0,
+            minPeakSpacing=st.min_spacing,
+            edgeBoundary=st.edge_boundary,
+            maxNumPeaks=st.max_peaks,
+        )
+    out = []
+    for q in res:
+        d = q.data
+        out.append((np.column_stack([d["qx"], d["qy"]]).astype(float),
+                    np.asarray(d["intensity"], float)))
+    return out
+
+
+def _noise_floor(patterns: np.ndarray, st: _Derived, quantile: float) -> float:
+    """The correlation intensity below which maxima are mostly noise.
+
+    Detect every maximum, index the pattern, and take a high quantile of the maxima that lie
+    off the lattice: those are noise (or kernel ringing) by construction, so their intensity
+    distribution *is* the noise floor of this dataset, whatever the dose and scattering."""
+    off: list[np.ndarray] = []
+    for peaks, inten in _detect(patterns, st, threshold=0.0, subpixel="poly"):
+        fit = index_pattern(peaks, inten, st.basis, st.symmetry_deg, st.tolerance,
+                            min_peaks=4, max_rms=0.4 * st.tolerance).fit
+        if fit is None:
+            continue
+        d = peaks - fit.origin
+        hk = np.round(np.linalg.solve(fit.G, d.T).T)
+        resid = np.linalg.norm(d - hk @ fit.G.T, axis=1)
+        off.append(inten[resid > st.tolerance])
+    vals = np.concatenate(off) if off else np.zeros(0)
+    if vals.size < 5:
+        return 0.0
+    return float(np.quantile(vals, quantile))
+
+
+def _sample_positions(dataset: Any, n_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n_max`` patterns on a regular grid over the scan (reading only those rows)."""
+    Rx, Ry = dataset.scan_shape
+    step = max(1, int(np.ceil(np.sqrt(Rx * Ry / max(n_max, 1)))))
+    rows = np.arange(step // 2, Rx, step)
+    cols = np.arange(step // 2, Ry, step)
+    pats, pos = [], []
+    for r in rows:
+        row = dataset.read_rows(int(r), int(r) + 1)[0]
+        pats.append(row[cols])
+        pos.extend((int(r), int(c)) for c in cols)
+    return np.array(pos), np.concatenate(pats, axis=0).astype(np.float64)
+
+
+def _read_region(dataset: Any, region: tuple[slice, slice], n_max: int) -> np.ndarray:
+    """Patterns of the reference region (strided to at most ``n_max``)."""
+    Rx, Ry = dataset.scan_shape
+    r0, r1, _ = region[0].indices(Rx)
+    c0, c1, _ = region[1].indices(Ry)
+    if r1 <= r0 or c1 <= c0:
+        raise ValueError(f"reference region {r0}:{r1},{c0}:{c1} is empty or outside the scan")
+    step = max(1, int(np.ceil(np.sqrt((r1 - r0) * (c1 - c0) / n_max))))
+    out = [dataset.read_rows(r, r + 1)[0, c0:c1:step] for r in range(r0, r1, step)]
+    return np.concatenate(out, axis=0).astype(np.float64)
+
+
+# ---------------------------------------------------------------------- public helpers
+def run_py4dstem(
+    dataset: Any,
+    reference: str | tuple[slice, slice] | None = None,
+    sample_mask: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+    **overrides: Any,
+) -> MethodResult:
+    """Run the baseline over a whole dataset (streamed in blocks of rows)."""
+    from .runner import run_method
+
+    method = Py4DSTEMMethod(sample_mask=sample_mask, reference=reference, **overrides)
+    return run_method(method, dataset, progress=progress, should_stop=should_stop)
+
+
+def detect_disks(pattern: np.ndarray, method_state: Py4DSTEMMethod) -> np.ndarray:
+    """Disk positions ``(N, 2)`` (detector px, (x, y)) py4DSTEM finds in one pattern with the
+    settings ``method_state.prepare`` derived - for showing detections in the viewer."""
+    st = method_state._state()
+    pattern = np.asarray(pattern, np.float64)
+    if pattern.ndim != 2 or pattern.shape != st.kernel.shape:
+        raise ValueError(
+            f"pattern has shape {pattern.shape}; the method was prepared for {st.kernel.shape}"
+        )
+    peaks, _ = _detect(pattern[None], st, st.threshold)[0]
+    return peaks

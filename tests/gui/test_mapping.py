@@ -1,0 +1,133 @@
+"""Strain-mapping dock: run, results as layers, histograms, MAE, cancel, close, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_stem_strain._widgets._layers import map_layer_name
+from napari_stem_strain._widgets._session import get_session
+from napari_stem_strain._widgets._workers import running_tasks
+from napari_stem_strain._widgets.mapping import MappingWidget
+from napari_stem_strain.strain import strain_maps
+
+
+@pytest.fixture
+def setup(make_napari_viewer, open_scan, tiny_sim):
+    """A viewer with the tiny simulation open and the mapping dock added."""
+
+    def make():
+        viewer = make_napari_viewer()
+        open_scan(viewer, tiny_sim)
+        w = MappingWidget(viewer)
+        viewer.window.add_dock_widget(w)
+        return viewer, w
+
+    return make
+
+
+def test_run_both_methods_shows_maps_in_percent(setup, qtbot, wait_task, toy_methods, errors):
+    viewer, w = setup()
+    session = get_session(viewer)
+    region = session.reference_region()
+    gt = session.ground_truth
+    assert region == gt.reference  # the simulation's own reference is the default
+    task = w.run()
+    assert task is not None
+    assert not w.run_button.isEnabled() and w.cancel_button.isEnabled()
+    wait_task(task)
+    assert task.status == "done", errors()
+    assert [m for m, _ in toy_methods["made"]] == ["ae", "py4dstem"]
+    assert toy_methods["made"][0][1]["reference"] == region
+    assert set(session.results) == {"ae", "py4dstem"}
+    # maps = strain from the toy A, relative to the rectangle, in percent / degrees
+    raw = session.raw_results["ae"]
+    mask = session.sample_mask()
+    expected = strain_maps(raw.A_raw, region, 360.0, mask=raw.sample & mask)
+    exx = viewer.layers[map_layer_name("ae", "exx")]
+    np.testing.assert_allclose(exx.data, expected.exx * 100, rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
+    theta = viewer.layers[map_layer_name("py4dstem", "theta")]
+    np.testing.assert_allclose(theta.data, expected.theta, atol=1e-4, equal_nan=True)
+    lo, hi = exx.contrast_limits
+    assert lo == -hi and hi > 0
+    assert np.isnan(exx.data[~mask]).all()  # vacuum stays NaN
+    assert w.run_button.isEnabled() and w.status.text() == "done"
+    # histograms: one step histogram per method in each of the four panels
+    axes = w.hist_figure.axes
+    assert len(axes) == 4 and all(len(ax.patches) == 2 for ax in axes)
+    # MAE table against the file's ground truth
+    table = w.mae()
+    assert set(table) == {"ae", "py4dstem"}
+    assert w.mae_table.rowCount() == 2
+    assert float(w.mae_table.item(0, 0).text()) == round(table["ae"]["exx"] * 100, 3)
+    assert errors() == []
+
+
+def test_grid_shows_methods_side_by_side(setup, qtbot, wait_task, toy_methods):
+    viewer, w = setup()
+    wait_task(w.run())
+    w.grid.setChecked(True)
+    assert viewer.grid.enabled and tuple(viewer.grid.shape) == (2, 4)
+    visible = [layer.name for layer in viewer.layers if layer.visible]
+    assert len(visible) == 8 and all("(%)" in n or "(deg)" in n for n in visible)
+    w.grid.setChecked(False)
+    assert not viewer.grid.enabled
+    assert viewer.layers["reference region"].visible
+
+
+def test_cancel_stops_the_run_and_changes_nothing(setup, qtbot, wait_task, toy_methods, errors):
+    toy_methods["delay"] = 0.15  # 12 one-row blocks per method: ~3.6 s in all
+    viewer, w = setup()
+    task = w.run()
+    qtbot.waitUntil(lambda: task.pbar.n > 0, timeout=10_000)
+    w.cancel_button.click()
+    wait_task(task, timeout=10_000)
+    assert task.status == "cancelled"
+    assert not any("(%)" in layer.name for layer in viewer.layers)
+    assert "cancelled" in w.status.text()
+    assert errors() == []
+    assert w.run_button.isEnabled()
+
+
+def test_closing_napari_during_a_run_stops_it(setup, qtbot, wait_task, toy_methods):
+    toy_methods["delay"] = 0.15
+    viewer, w = setup()
+    task = w.run()
+    qtbot.waitUntil(lambda: task.pbar.n > 0, timeout=10_000)
+    viewer.window._qt_window.close()
+    qtbot.waitUntil(lambda: task not in running_tasks(), timeout=10_000)
+    assert task.status == "cancelled"
+    assert not task.worker.isRunning() if hasattr(task.worker, "isRunning") else True
+
+
+def test_method_error_is_a_notification(setup, qtbot, wait_task, toy_methods,
+                                        errors):
+    toy_methods["fail"] = True
+    viewer, w = setup()
+    task = w.run()
+    wait_task(task)
+    assert task.status == "failed"
+    msgs = errors()
+    assert msgs == ["Strain mapping failed: toy method cannot fit these patterns"]
+    assert w.run_button.isEnabled()
+
+
+def test_run_without_data_or_methods_explains(make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    w = MappingWidget(viewer)
+    assert w.run() is None
+    assert "open a 4D-STEM file" in errors()[-1]
+    w.use_ae.setChecked(False)
+    w.use_py4dstem.setChecked(False)
+    assert w.run() is None
+
+
+def test_device_choices_show_what_is_present(make_napari_viewer):
+    from napari_stem_strain.device import available_devices
+
+    w = MappingWidget(make_napari_viewer())
+    items = [w.device.itemData(i) for i in range(w.device.count())]
+    assert items == ["auto", "cpu", "cuda"]
+    cuda_enabled = w.device.model().item(2).isEnabled()
+    assert cuda_enabled == ("cuda" in available_devices())

@@ -1,0 +1,117 @@
+"""The napari reader on real files from other software, through viewer.open."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_stem_strain import _reader
+from napari_stem_strain._reader import napari_get_reader
+from napari_stem_strain.io.dataset import Dataset
+
+PLUGIN = "napari-stem-strain"
+
+
+def _nav(viewer):
+    navs = [layer for layer in viewer.layers
+            if layer.metadata.get("stem_strain", {}).get("role") == "navigation"]
+    assert len(navs) == 1
+    return navs[0]
+
+
+def test_get_reader_accepts_only_supported_single_files(tmp_path):
+    assert napari_get_reader(str(tmp_path / "x.txt")) is None
+    assert napari_get_reader([str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]) is None
+    assert napari_get_reader(str(tmp_path / "scan.H5")) is _reader.read_4dstem
+    assert napari_get_reader(str(tmp_path / "scan.blo")) is _reader.read_4dstem
+
+
+def test_open_py4dstem_file_gives_virtual_images_with_scale(make_napari_viewer, formats):
+    viewer = make_napari_viewer()
+    viewer.open(str(formats / "py4DSTEM_size2x3x4x5.h5"), plugin=PLUGIN)
+    nav = _nav(viewer)
+    assert nav.data.shape == (2, 3)
+    np.testing.assert_allclose(nav.scale, [0.126796875, 0.126796875])
+    assert str(nav.units[0]) == "nanometer"
+    ds = nav.metadata["stem_strain"]["dataset"]
+    assert isinstance(ds, Dataset) and ds.shape == (2, 3, 4, 5)
+    assert not isinstance(ds.data, np.ndarray)  # still lazy (h5py dataset)
+    # bright field = the sum over the direct-beam disk: compare with a direct computation
+    vi = nav.metadata["stem_strain"]["virtual"]
+    np.testing.assert_allclose(nav.data, vi.bright_field)
+    adf = [layer for layer in viewer.layers if layer.name.endswith("ADF")]
+    assert len(adf) == 1 and adf[0].data.shape == (2, 3)
+
+
+def test_open_blockfile(make_napari_viewer, formats):
+    viewer = make_napari_viewer()
+    viewer.open(str(formats / "test1.blo"), plugin=PLUGIN)
+    nav = _nav(viewer)
+    assert nav.data.shape == (3, 2)
+    np.testing.assert_allclose(nav.scale, [12.8, 12.8])
+    assert nav.metadata["stem_strain"]["dataset"].pattern_shape == (144, 144)
+
+
+def test_file_with_two_4d_arrays_asks_which(make_napari_viewer, formats, monkeypatch):
+    asked = {}
+
+    def choose(path, names):
+        asked["names"] = names
+        return names[1]
+
+    monkeypatch.setattr(_reader, "ask_dataset", choose)
+    viewer = make_napari_viewer()
+    viewer.open(str(formats / "Si100_4D.emd"), plugin=PLUGIN)
+    assert len(asked["names"]) == 2
+    ds = _nav(viewer).metadata["stem_strain"]["dataset"]
+    assert ds.name == asked["names"][1] and ds.scan_shape == (11, 11)
+
+
+def test_3d_stack_asks_scan_shape(make_napari_viewer, formats, monkeypatch):
+    asked = {}
+
+    def shape(path, n_frames, message=""):
+        asked["n"] = n_frames
+        return (6, 11)
+
+    monkeypatch.setattr(_reader, "ask_scan_shape", shape)
+    viewer = make_napari_viewer()
+    viewer.open(str(formats / "dmTest_3D_int16_64,65,66.dm4"), plugin=PLUGIN)
+    assert asked["n"] == 66
+    assert _nav(viewer).data.shape == (6, 11)
+
+
+def test_cancelled_question_opens_nothing_quietly(make_napari_viewer, formats, monkeypatch,
+                                                  errors):
+    monkeypatch.setattr(_reader, "ask_scan_shape", lambda *a, **k: None)
+    viewer = make_napari_viewer()
+    viewer.open(str(formats / "dmTest_3D_int16_64,65,66.dm4"), plugin=PLUGIN)
+    assert len(viewer.layers) == 0
+    assert errors() == []
+
+
+@pytest.mark.parametrize("content", [b"\x89HDF\r\n\x1a\n" + b"garbage" * 100, b"not hdf5 at all"])
+def test_corrupt_file_is_a_notification(make_napari_viewer, tmp_path, errors, content):
+    bad = tmp_path / "broken.h5"
+    bad.write_bytes(content)
+    viewer = make_napari_viewer()
+    viewer.open(str(bad), plugin=PLUGIN)  # must not raise
+    assert len(viewer.layers) == 0
+    msgs = errors()
+    assert len(msgs) == 1 and "broken.h5" in msgs[0]
+    assert "Traceback" not in msgs[0]
+
+
+def test_2d_pattern_file_says_not_4d(make_napari_viewer, formats, errors):
+    viewer = make_napari_viewer()
+    viewer.open(str(formats / "test_diffraction_pattern.dm3"), plugin=PLUGIN)
+    assert len(viewer.layers) == 0
+    assert any("no 4D-STEM data" in m for m in errors())
+
+
+def test_simulated_file_carries_ground_truth(make_napari_viewer, tiny_sim):
+    viewer = make_napari_viewer()
+    viewer.open(str(tiny_sim), plugin=PLUGIN)
+    info = _nav(viewer).metadata["stem_strain"]
+    assert info["ground_truth"] is not None
+    assert info["ground_truth"].exx.shape == (12, 12)
