@@ -78,7 +78,7 @@ def dataset_figure(out: Path) -> Path:
     vac_pos = _interior(~gt.sample) if (~gt.sample).any() else ref_pos
     positions = {"A": ref_pos, "B": rot_pos, "C": vac_pos}
 
-    fig, axes = plt.subplots(3, 4, figsize=(13, 10.2), layout="constrained")
+    fig, axes = plt.subplots(3, 4, figsize=(14, 10.2), layout="constrained")
     ax = axes[0, 0]
     ax.imshow(bf, cmap="gray")
     ax.set_title("virtual bright field", fontsize=10)
@@ -114,15 +114,17 @@ def dataset_figure(out: Path) -> Path:
     _show_pattern(axes[1, 3], mean, "mean crystal pattern (log)")
 
     lim = np.nanmax(np.abs(np.stack([gt.exx, gt.eyy, gt.exy]))) * 100
+    div = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.75")
     for k, name in enumerate(("exx", "eyy", "exy")):
         ax = axes[2, k]
-        im = ax.imshow(getattr(gt, name) * 100, cmap="RdBu_r", vmin=-lim, vmax=lim,
+        im = ax.imshow(getattr(gt, name) * 100, cmap=div, vmin=-lim, vmax=lim,
                        interpolation="nearest")
-        ax.set_title(f"true {name} (%)", fontsize=10)
+        ax.set_title(f"true {name} (%), grey: vacuum", fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8)
     ax = axes[2, 3]
     tl = gt.symmetry_deg / 2
-    im = ax.imshow(gt.theta, cmap="twilight_shifted", vmin=-tl, vmax=tl, interpolation="nearest")
+    cyc = matplotlib.colormaps["twilight_shifted"].with_extremes(bad="0.75")
+    im = ax.imshow(gt.theta, cmap=cyc, vmin=-tl, vmax=tl, interpolation="nearest")
     ax.set_title(f"true theta (deg, wrapped to +-{tl:.0f})", fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
     for a in axes[2]:

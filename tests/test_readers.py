@@ -25,7 +25,9 @@ SI100 = "/4DSTEM_simulation/data/datacubes/CBED_array_depth{:04d}/datacube"
 def _lazy(data) -> bool:
     import dask.array as da
 
-    return isinstance(data, h5py.Dataset | da.Array | np.memmap)
+    from napari_stem_strain.io._framestack import FrameStack
+
+    return isinstance(data, h5py.Dataset | da.Array | np.memmap | FrameStack)
 
 
 def _one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
@@ -149,7 +151,7 @@ def test_prismatic_two_arrays(shared_formats):
         open_dataset(path)
     msg = _one_line_naming(err, path)
     assert all(n in msg for n in names)
-    for i, n in enumerate(names):
+    for n in names:
         with open_dataset(path, dataset=n) as ds:
             assert ds.shape == (11, 11, 8, 8)
             assert ds.dtype == np.float32
@@ -517,5 +519,52 @@ def test_huge_file_opens_fast_and_small(tmp_path, suffix):
     assert _rss_mb() - rss0 < 600
 
 
-def test_dataset_type():
-    assert Dataset is open_dataset.__annotations__.get("return", Dataset) or True
+
+
+def test_truncated_mib_keeps_complete_lines(shared_formats, tmp_path):
+    """An interrupted Merlin acquisition: RosettaSciIO keeps the complete scan lines; a single
+    line stays a line (1, 4), never a made-up square."""
+    src = shared_formats / "001_4x2_6bit.mib"
+    raw = src.read_bytes()
+    path = tmp_path / "cut.mib"
+    path.write_bytes(raw[: int(len(raw) * 0.9)])  # 7 of 8 frames
+    (tmp_path / "cut.hdr").write_bytes(src.with_suffix(".hdr").read_bytes())
+    with open_dataset(path) as ds:
+        assert ds.shape == (1, 4, 256, 256)
+        assert "1 of 2 lines" in ds.metadata["scan_shape_from"]
+
+
+@pytest.mark.parametrize("name", ["test1.blo", "dmTest_3D_int16_64,65,66.dm4"])
+def test_truncated_vendor_files(shared_formats, tmp_path, name):
+    raw = (shared_formats / name).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(raw[: int(len(raw) * 0.9)])
+    with pytest.raises(DataError) as err:
+        open_dataset(path, scan_shape=(6, 11) if "66" in name else None)
+    assert "truncated" in _one_line_naming(err, path)
+
+
+def test_framestack_indexing_matches_numpy(tmp_path):
+    """The lazy frame view over several files indexes like the numpy array it stands for."""
+    from napari_stem_strain.io._framestack import FrameStack, frames_3d, frames_4d, frames_last
+
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 1000, (5, 6, 4, 3)).astype(np.uint16)
+    flat = full.reshape(30, 4, 3)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["a"] = flat[:7]
+        f["b"] = np.moveaxis(flat[7:19], 0, 2)  # frames last
+        f["c"] = flat[19:30].reshape(11, 1, 4, 3)  # a 4D array read as frames
+        view = FrameStack([frames_3d(f["a"]), frames_last(f["b"]), frames_4d(f["c"])], (5, 6))
+        assert view.shape == full.shape and view.dtype == full.dtype and len(view) == 5
+        keys = [np.s_[:], np.s_[1:3], np.s_[4], np.s_[-1, 2], np.s_[::2, ::-1],
+                np.s_[..., 1:3, 0], np.s_[2, :, 1], np.s_[[0, 3, 1], 2:5],
+                np.s_[:, np.array([True, False] * 3)], np.s_[1:4, 2, ..., ::-1]]
+        for key in keys:
+            np.testing.assert_array_equal(view[key], full[key], err_msg=str(key))
+        np.testing.assert_array_equal(np.asarray(view), full)
+        with pytest.raises(IndexError):
+            view[5]
+    ds = Dataset(view)
+    with pytest.raises(Exception):  # noqa: B017 - the file is closed: reading fails loudly
+        ds.read_rows(0, 1)

@@ -340,7 +340,12 @@ def test_lattice_angle_keeps_truth_frame():
 ])
 def test_bad_settings_raise(kw):
     with pytest.raises(ValueError):
-        SimulationSettings(**kw).validate()
+        SimulationSettings(**kw).resolved()
+
+
+def test_overlapping_disks_are_refused():
+    with pytest.raises(ValueError, match="would overlap"):
+        SimulationSettings(pattern=32, disk_radius=4).resolved()
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -394,6 +399,7 @@ def test_cli_writes_file(tmp_path, capsys):
 @pytest.mark.parametrize("args", [
     ["--noise", "1.2"], ["--noise", "x"], ["--scan", "0", "4"], ["--pattern", "-3"],
     ["--dose", "-5"], ["--lattice", "tri"], ["--disk-radius", "0"], ["--grains", "0"],
+    ["--pattern", "32"], ["--scan", "4"], ["--dose", "1e5", "--no-poisson"],
 ])
 def test_cli_bad_arguments_one_line(tmp_path, capsys, args):
     out = tmp_path / "bad.h5"

@@ -95,7 +95,7 @@ def test_closing_napari_during_a_run_stops_it(setup, qtbot, wait_task, toy_metho
     viewer, w = setup()
     task = w.run()
     qtbot.waitUntil(lambda: task.pbar.n > 0, timeout=10_000)
-    viewer.window._qt_window.close()
+    viewer.close()  # what File > Exit or the close button does (closeEvent)
     qtbot.waitUntil(lambda: task not in running_tasks(), timeout=10_000)
     assert task.status == "cancelled"
     assert not task.worker.isRunning() if hasattr(task.worker, "isRunning") else True
@@ -123,11 +123,13 @@ def test_run_without_data_or_methods_explains(make_napari_viewer, errors):
     assert w.run() is None
 
 
-def test_device_choices_show_what_is_present(make_napari_viewer):
+def test_device_choices_show_what_is_present(make_napari_viewer, qtbot):
     from napari_stem_strain.device import available_devices
 
     w = MappingWidget(make_napari_viewer())
+    qtbot.waitUntil(lambda: w.devices_known, timeout=60_000)
     items = [w.device.itemData(i) for i in range(w.device.count())]
     assert items == ["auto", "cpu", "cuda"]
     cuda_enabled = w.device.model().item(2).isEnabled()
     assert cuda_enabled == ("cuda" in available_devices())
+    assert ("CUDA" in w.device_info.text())

@@ -45,6 +45,18 @@ MODEL_FILE = "model file..."
 MODEL_FIT = "fit on this dataset now"
 
 
+def _probe_devices() -> tuple[list[str], str]:
+    """``(available devices, a sentence for the user)`` (imports torch)."""
+    from ..device import available_devices
+
+    have = available_devices()
+    if "cuda" in have:
+        import torch
+
+        return have, f"torch sees CUDA: {torch.cuda.get_device_name(0)}"
+    return have, "torch sees no CUDA GPU: CC-ST-AE runs on the CPU"
+
+
 class MappingWidget(QWidget):
     """Run CC-ST-AE and/or py4DSTEM on the current dataset and compare the maps."""
 
@@ -88,10 +100,10 @@ class MappingWidget(QWidget):
         self._epochs_label = QLabel("fit epochs")
         form.addRow(self._epochs_label, self.epochs)
         self.device = QComboBox()
+        self.device_info = QLabel("looking for a CUDA GPU ...")
+        self.device_info.setWordWrap(True)
         self._fill_devices()
         form.addRow("device", self.device)
-        self.device_info = QLabel(self._device_text())
-        self.device_info.setWordWrap(True)
         form.addRow(self.device_info)
 
         self.run_button = QPushButton("Run")
@@ -145,27 +157,41 @@ class MappingWidget(QWidget):
 
     # ---------------------------------------------------------------- settings
     def _fill_devices(self) -> None:
-        from ..device import available_devices
+        """Device choices. Asking torch what is present means importing torch (seconds), so
+        that happens in a worker thread; the combo is usable at once with "auto"."""
+        import sys
 
-        have = available_devices()
-        self.device.addItem(f"auto ({have[0]})", "auto")
+        self.device.addItem("auto", "auto")
         self.device.addItem("CPU", "cpu")
-        if "cuda" in have:
-            self.device.addItem("CUDA GPU", "cuda")
-        else:
-            self.device.addItem("CUDA (not available)", "cuda")
-            item = self.device.model().item(self.device.count() - 1)
-            if item is not None:
-                item.setEnabled(False)
+        self.device.addItem("CUDA", "cuda")
+        self.devices_known = False
+        if "torch" in sys.modules:
+            self._show_devices(_probe_devices())
+            return
+        from napari.qt.threading import create_worker
 
-    def _device_text(self) -> str:
-        from ..device import available_devices
+        worker = create_worker(_probe_devices, _ignore_errors=True)
+        worker.returned.connect(self._show_devices)
+        worker.start()
+        self._device_worker = worker
 
-        if "cuda" in available_devices():
-            import torch
-
-            return f"torch sees CUDA: {torch.cuda.get_device_name(0)}"
-        return "torch sees no CUDA GPU: CC-ST-AE runs on the CPU"
+    def _show_devices(self, found: tuple[list[str], str]) -> None:
+        have, text = found
+        try:
+            self.device.setItemText(0, f"auto ({have[0]})")
+            item = self.device.model().item(2)
+            if "cuda" in have:
+                self.device.setItemText(2, "CUDA GPU")
+            else:
+                self.device.setItemText(2, "CUDA (not available)")
+                if item is not None:
+                    item.setEnabled(False)
+                if self.device.currentIndex() == 2:
+                    self.device.setCurrentIndex(0)
+            self.device_info.setText(text)
+            self.devices_known = True
+        except RuntimeError:  # dock closed meanwhile
+            pass
 
     def _model_changed(self, text: str) -> None:
         self._path_row.setVisible(text == MODEL_FILE)

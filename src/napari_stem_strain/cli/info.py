@@ -129,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
     from ..io.errors import DataError
     from ..io.readers import inspect_file, open_dataset
 
+    if args.png is not None:  # fail before any work when the PNG cannot be written
+        from ..io.results import check_writable
+
+        if Path(args.png).suffix.lower() != ".png":
+            raise ValueError(f"{args.png}: --png needs a .png file name")
+        check_writable(args.png)
     summary = inspect_file(args.file)
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
     try:

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="include a vacuum region at one edge (default: yes)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--grains", type=_positive_int, default=None, metavar="N",
-                   help="number of grains (default: about 8 per 64x64 positions' side)")
+                   help="number of grains (default: 8 for a 64x64 scan, growing with its side)")
     p.add_argument("--bragg-intensity", type=_float, default=0.05, metavar="F",
                    help="first-order disk intensity relative to the direct beam (default 0.05)")
     p.add_argument("--max-strain", type=_float, default=0.02, metavar="E",
@@ -100,7 +100,7 @@ def settings_from_args(args: argparse.Namespace):
         max_rotation=float(args.max_rotation),
         descan=float(args.descan),
     )
-    s.validate()
+    s.resolved()  # validates, derived values included
     return s
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._framestack import FrameList, FrameStack, frames_3d, frames_4d
 from .errors import DataError
 
 __all__ = [
@@ -197,56 +198,38 @@ def to_4d(
 
 
 def _flatten_scan(data: Any) -> Any:
+    """``(Rx, Ry, Qx, Qy)`` -> ``(Rx*Ry, Qx, Qy)`` without reading anything."""
     shape = tuple(int(s) for s in data.shape)
     flat = (shape[0] * shape[1], shape[2], shape[3])
     if isinstance(data, np.ndarray):  # np.memmap: a reshape is a view, still lazy
         return data.reshape(flat)
-    return _as_dask(data).reshape(flat)
+    if _is_dask(data):
+        return data.reshape(flat)
+    return FrameList([frames_4d(data)])
+
+
+def _is_dask(data: Any) -> bool:
+    return type(data).__module__.startswith("dask.")
 
 
 def _reshape_frames(data: Any, scan_shape: tuple[int, int]) -> Any:
-    """``(N, Qx, Qy)`` -> ``(Rx, Ry, Qx, Qy)`` without reading anything."""
+    """``(N, Qx, Qy)`` -> ``(Rx, Ry, Qx, Qy)`` without reading anything: a numpy view, a dask
+    reshape (RosettaSciIO's memory maps), else a :class:`FrameStack` over h5py datasets."""
     rx, ry = int(scan_shape[0]), int(scan_shape[1])
     shape = tuple(int(s) for s in data.shape)
     if isinstance(data, np.ndarray):
         return data.reshape(rx, ry, shape[1], shape[2])
-    import dask.array as da
-
-    if not isinstance(data, da.Array):
-        data = _as_dask(data, rows_axis_len=ry)
-    else:
-        data = _align_frames(data, ry)
-    return data.reshape(rx, ry, shape[1], shape[2])
-
-
-def _frames_per_chunk(shape: tuple[int, ...], multiple: int, budget: int = 64 * 2**20,
-                      itemsize: int = 4) -> int:
-    frame = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
-    k = max(1, budget // max(frame, 1) // max(multiple, 1)) * max(multiple, 1)
-    return int(min(k, shape[0]))
-
-
-def _as_dask(data: Any, rows_axis_len: int = 1) -> Any:
-    """Wrap an h5py dataset (or anything sliceable) as a dask array chunked in whole scan rows
-    along the first axis."""
-    import dask.array as da
-
-    if isinstance(data, da.Array):
-        return data
-    shape = tuple(int(s) for s in data.shape)
-    k = _frames_per_chunk(shape, rows_axis_len, itemsize=np.dtype(data.dtype).itemsize)
-    return da.from_array(data, chunks=(k,) + shape[1:], asarray=True, fancy=False)
-
-
-def _align_frames(data: Any, ry: int) -> Any:
-    """Rechunk a dask frame stack so every chunk holds whole scan rows (cheap, lazy)."""
-    chunks = data.chunks[0]
-    if all(c % ry == 0 for c in chunks[:-1]) and len(data.chunks[1]) == 1 \
-            and len(data.chunks[2]) == 1:
-        return data
-    k = _frames_per_chunk(tuple(int(s) for s in data.shape), ry,
-                          itemsize=np.dtype(data.dtype).itemsize)
-    return data.rechunk((k, -1, -1))
+    if isinstance(data, FrameList):
+        return data.as_scan((rx, ry))
+    if _is_dask(data):
+        chunks = data.chunks[0]
+        if not (all(c % ry == 0 for c in chunks[:-1]) and len(data.chunks[1]) == 1
+                and len(data.chunks[2]) == 1):
+            frame = int(np.prod(shape[1:])) * np.dtype(data.dtype).itemsize
+            k = max(1, (64 * 2**20) // max(frame, 1) // ry) * ry
+            data = data.rechunk((min(k, shape[0]), -1, -1))
+        return data.reshape(rx, ry, shape[1], shape[2])
+    return FrameStack([frames_3d(data)], (rx, ry))
 
 
 def probe(path: Path, data: Any, what: str = "data") -> None:
@@ -266,7 +249,7 @@ def probe(path: Path, data: Any, what: str = "data") -> None:
 
 def probe_frames(path: Path, dset: Any, what: str = "frames", axis: int = 0) -> None:
     """Like :func:`probe` for a frame stack read directly (an h5py dataset): the first and
-    last frame along ``axis`` only, however the dask array over it is chunked."""
+    last frame along ``axis`` only, whatever view is built over it."""
     try:
         n = int(dset.shape[axis])
         for i in (0, n - 1):

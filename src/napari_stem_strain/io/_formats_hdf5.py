@@ -3,8 +3,9 @@ Dectris Arina master files (frames in external data files), Velox EMD image stac
 project's own simulated files, and any other HDF5 file holding a 4D array.
 
 Everything stays lazy: a plain 4D dataset is handed out as the h5py dataset itself (slicing
-``data[r0:r1]`` reads those rows only); frame streams (Arina) and frame-last stacks (Velox)
-become dask arrays over the h5py datasets.
+``data[r0:r1]`` reads those rows only); frame streams (Arina), 3D stacks and frame-last stacks
+(Velox) become a :class:`~._framestack.FrameStack` over the h5py datasets, which reads runs of
+consecutive frames on slicing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ._formats_common import (
     square_scan,
     to_4d,
 )
+from ._framestack import FrameList, frames_3d, frames_last
 from .dataset import Calibration, Dataset
 
 __all__ = ["open_h5", "inspect_hdf5", "open_hdf5", "is_hdf5"]
@@ -124,7 +126,8 @@ def _format_name(f: Any) -> str:
     attrs = f.attrs
     if _attr_str(attrs.get("emd_group_type", "")) == "file":
         prog = _attr_str(attrs.get("authoring_program", ""))
-        ver = f"{_attr_str(attrs.get('version_major', 1))}.{_attr_str(attrs.get('version_minor', 0))}"
+        major = _attr_str(attrs.get("version_major", 1))
+        ver = f"{major}.{_attr_str(attrs.get('version_minor', 0))}"
         found: list[str] = []
 
         def visit(_name: str, obj: Any) -> None:
@@ -394,10 +397,6 @@ def _arina_side_metadata(path: Path, n: int) -> tuple[tuple[int, int] | None, Ca
 
 def _open_arina(path: Path, f: Any, scan_shape: tuple[int, int] | None,
                 fmt: str) -> Dataset:
-    import dask.array as da
-
-    from ._formats_common import _frames_per_chunk
-
     dsets, files = _arina_frames(path, f)
     closers = [f] + [d.file for d in dsets if d.file.filename != f.filename]
     n = sum(int(d.shape[0]) for d in dsets)
@@ -406,13 +405,7 @@ def _open_arina(path: Path, f: Any, scan_shape: tuple[int, int] | None,
         implied, how = side_scan, f"Arina metadata file {side_name}"
     else:
         implied, how = square_scan(n), f"square scan rule ({n} frames)"
-    ry = (scan_shape or implied or (1, 1))[1]
-    parts = []
-    for d in dsets:
-        k = _frames_per_chunk(tuple(int(s) for s in d.shape), ry,
-                              itemsize=np.dtype(d.dtype).itemsize)
-        parts.append(da.from_array(d, chunks=(k, *d.shape[1:]), asarray=True, fancy=False))
-    frames = parts[0] if len(parts) == 1 else da.concatenate(parts, axis=0)
+    frames = FrameList([frames_3d(d) for d in dsets])
     if scan_shape is None and implied is None:
         for c in closers:
             c.close()
@@ -420,7 +413,7 @@ def _open_arina(path: Path, f: Any, scan_shape: tuple[int, int] | None,
                    "shape in its metadata: give scan_shape=(Rx, Ry) (--scan-shape RX RY)")
     try:
         data, origin = to_4d(path, frames, "/entry/data", scan_shape, implied, how)
-        for d in dsets:  # first and last frame of every data file (not whole dask chunks)
+        for d in dsets:  # first and last frame of every data file
             probe_frames(path, d, f"frames of {Path(d.file.filename).name}")
     except Exception:
         for c in closers:
@@ -466,12 +459,7 @@ def open_hdf5(path: Path, dataset: str | None, scan_shape: tuple[int, int] | Non
             raise fail(path, f"is a Dectris data file ({d.shape[0]} frames): open the "
                        "*_master.h5 beside it, or give scan_shape=(Rx, Ry)")
         if kind == "velox":
-            import dask.array as da
-
-            h, w, n = (int(s) for s in d.shape)
-            raw = da.from_array(d, chunks=(h, w, max(1, min(n, 256))), asarray=True,
-                                fancy=False).transpose(2, 0, 1)
-            data, origin = to_4d(path, raw, chosen.name, scan_shape)
+            data, origin = to_4d(path, FrameList([frames_last(d)]), chosen.name, scan_shape)
             probe_frames(path, d, f"array {chosen.name!r}", axis=2)
         else:
             data, origin = to_4d(path, d, chosen.name, scan_shape)

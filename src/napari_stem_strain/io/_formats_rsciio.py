@@ -44,9 +44,28 @@ def _reciprocal(units: str) -> bool:
     return any(h in units.lower() for h in _RECIPROCAL_HINTS)
 
 
-def _read(path: Path, suffix: str, scan_shape: tuple[int, int] | None) -> list[dict[str, Any]]:
-    """Run the RosettaSciIO reader lazily; every failure becomes one :class:`DataError` line."""
+#: suffix -> the bytes every file of that format starts with (checked before RosettaSciIO
+#: parses a header of garbage into an absurd shape)
+_SIGNATURES = {".mib": (b"MQ1,",), ".blo": (b"IMGBLO",)}
+
+
+def _check_signature(path: Path, suffix: str, fmt: str) -> None:
+    want = _SIGNATURES.get(suffix)
+    if not want:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(max(len(w) for w in want))
+    if not any(head.startswith(w) for w in want):
+        raise fail(path, f"not a {fmt} file (it does not start with {want[0].decode()!r}; "
+                   "wrong suffix or corrupt)")
+
+
+def _read(path: Path, suffix: str, scan_shape: tuple[int, int] | None,
+          used: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run the RosettaSciIO reader lazily; every failure becomes one :class:`DataError` line.
+    ``used`` (a dict) receives the ``navigation_shape`` passed to the reader, if any."""
     modname, fmt = RSCIIO_FORMATS[suffix]
+    _check_signature(path, suffix, fmt)
     try:
         reader = importlib.import_module(modname).file_reader
     except ImportError as err:  # pragma: no cover - rosettasciio is a hard dependency
@@ -59,6 +78,8 @@ def _read(path: Path, suffix: str, scan_shape: tuple[int, int] | None) -> list[d
         guess = _mib_navigation(path)
         if guess is not None:
             base["navigation_shape"] = guess
+    if used is not None and "navigation_shape" in base:
+        used["navigation_shape"] = base["navigation_shape"]
     # Chunks of whole scan rows (first axis only) so streaming row blocks reads each byte once;
     # fall back to RosettaSciIO's own chunking when the array has another dimensionality.
     attempts = [{"chunks": ("auto", -1, -1, -1)}, {"chunks": ("auto", -1, -1)}, {}]
@@ -213,7 +234,8 @@ def _titanx_scan(original: Any, n: int) -> tuple[int, int] | None:
 def open_rsciio(path: Path, suffix: str, dataset: str | None,
                 scan_shape: tuple[int, int] | None) -> Dataset:
     fmt = RSCIIO_FORMATS[suffix][1]
-    images = _read(path, suffix, scan_shape)
+    used: dict[str, Any] = {}
+    images = _read(path, suffix, scan_shape, used)
     if suffix == ".mib" and scan_shape is not None and len(images) == 1 \
             and int(np.prod(images[0]["data"].shape[:-2])) != scan_shape[0] * scan_shape[1]:
         # RosettaSciIO quietly drops incomplete scan lines; say what the file holds instead
@@ -231,6 +253,13 @@ def open_rsciio(path: Path, suffix: str, dataset: str | None,
         n = int(data.shape[0])
         implied = _titanx_scan(im.get("original_metadata", {}), n)
         how = "DM 4D STEM Tags"
+        nav = used.get("navigation_shape")
+        if implied is None and suffix == ".mib" and nav is not None and len(nav) == 2 \
+                and nav[0] > 1 and n % nav[0] == 0:
+            # an interrupted acquisition: RosettaSciIO kept the complete lines, and squeezed
+            # a single one away
+            implied = (n // nav[0], nav[0])
+            how = f"MIB header timestamps ({n // nav[0]} of {nav[1]} lines in the file)"
         if implied is None and suffix == ".mib":
             implied, how = square_scan(n), f"square scan rule ({n} frames)"
     data, origin = to_4d(path, data, "" if chosen.name == path.name else chosen.name,
@@ -245,7 +274,10 @@ def open_rsciio(path: Path, suffix: str, dataset: str | None,
         if scan_shape is not None:
             origin = "caller"
         elif origin == "file":
-            origin = "MIB header timestamps (RosettaSciIO)"
+            nav = used.get("navigation_shape")
+            origin = "MIB header timestamps"
+            if nav is not None and len(nav) == 2 and data.shape[0] < nav[1]:
+                origin += f" ({data.shape[0]} of {nav[1]} lines in the file)"
     meta: dict[str, Any] = {
         "format": fmt,
         "reader": "RosettaSciIO (lazy)",

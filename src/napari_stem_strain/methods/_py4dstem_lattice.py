@@ -205,8 +205,10 @@ def index_pattern(
 
     # 2. alternate indexing and least squares (weights: correlation intensity, capped so the
     #    direct beam does not swamp the Bragg disks)
-    w_all = np.sqrt(np.clip(inten, 0.0, None))
-    w_cap = np.median(w_all[~is_centre]) * 4.0 if (~is_centre).any() else 1.0
+    import os
+    _p = float(os.environ.get("P4_WPOW", "0.5")); _c = float(os.environ.get("P4_WCAP", "4"))
+    w_all = np.clip(inten, 0.0, None) ** _p
+    w_cap = np.median(w_all[~is_centre]) * _c if (~is_centre).any() else 1.0
     w_all = np.minimum(w_all, w_cap) + 1e-12
     origin = centre.copy()
     fit: LatticeFit | None = None

@@ -70,6 +70,11 @@ class Engine:
         pats = as_patterns(sample)
         centres = beam_centres(pats, geom.c0, geom.r)
         tpl = make_template(pats, centres, geom.r)
+        # second pass: centres re-measured by matching the first template (a centre-of-mass
+        # error blurs the averaged beam, and a blurred template under-estimates every shift)
+        eye = torch.eye(2).expand(len(pats), 2, 2)
+        _, centres, _ = refine(pats, centres, eye, torch.zeros(1, 2), geom.L, tpl, steps=3)
+        tpl = make_template(pats, centres, geom.r)
         h = float(tpl.offsets.abs().max())
         Q0, Q1 = geom.pattern_shape
         edge = min(geom.c0[0], geom.c0[1], Q0 - 1 - geom.c0[0], Q1 - 1 - geom.c0[1])
@@ -85,8 +90,24 @@ class Engine:
         P = allp[order[:n_disks]]
         net = model.net.to(device).eval()
         model = Model(net, model.g1, model.g2, model.training, model.source)
-        return cls(model, geom, tpl.to(device), torch.tensor(P, device=device), device,
-                   refine_steps)
+        eng = cls(model, geom, tpl.to(device), torch.tensor(P, device=device), device,
+                  refine_steps)
+        eng.calibrate(sample)
+        return eng
+
+    def calibrate(self, sample: np.ndarray, n: int = 128) -> None:
+        """Correct the ring-based lattice unit ``L`` by the median scale of registered
+        patterns: a diffuse background biases the ring radius by a few per cent, which would
+        put outer disks pixels away from the first guess."""
+        idx = np.linspace(0, len(sample) - 1, min(n, len(sample))).round().astype(int)
+        out = self.run(sample[idx], init="search")
+        good = out["n_disks"] >= 3
+        if int(good.sum()) >= 3:
+            det = torch.linalg.det(out["A"][good]).abs().sqrt()
+            scale = float(det.median())
+            if 0.8 < scale < 1.25:
+                g = self.geom
+                self.geom = DataGeometry(g.c0, g.r, g.L * scale, g.pattern_shape)
 
     @torch.inference_mode()
     def run(self, block: np.ndarray | torch.Tensor, init: str = "encoder"

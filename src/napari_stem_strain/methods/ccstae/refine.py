@@ -146,17 +146,19 @@ def refine(
     K, npix = P.shape[0], tpl.offsets.shape[0]
     h = float(tpl.offsets.abs().max())
     X = torch.cat([P, torch.ones(K, 1, dtype=P.dtype, device=P.device)], 1)  # (K,3)
-    Dt = tpl.design.T  # (4,npix)
+    G = (tpl.design.T.double() @ tpl.design.double())
+    G32 = G.float()
     # variance of the gain estimate per unit noise: for the significance test
-    g00 = torch.linalg.inv(tpl.design.T.double() @ tpl.design.double())[0, 0].float()
+    g00 = torch.linalg.inv(G)[0, 0].float()
     n_ok = torch.zeros(B, dtype=torch.long, device=A.device)
     for _ in range(max(1, steps)):
         pos = t[:, None, :] + L * torch.einsum("bxy,ky->bkx", A, P)  # (B,K,2)
         pts = (pos[:, :, None, :] + tpl.offsets).reshape(B, K * npix, 2)
         patch = sqrt_samples(pats, pts).reshape(B, K, npix)
         coef = patch @ tpl.pinv.T  # (B,K,4)
-        resid = patch - coef @ Dt
-        sigma2 = (resid ** 2).sum(-1) / max(1, npix - 4)
+        # residual power without forming the residual: |p|^2 - c^T (D^T D) c
+        fitted = torch.einsum("bki,ij,bkj->bk", coef, G32, coef)
+        sigma2 = ((patch * patch).sum(-1) - fitted).clamp(min=0) / max(1, npix - 4)
         a = coef[..., 0]
         inside = ((pos[..., 0] > h) & (pos[..., 0] < Q0 - 1 - h)
                   & (pos[..., 1] > h) & (pos[..., 1] < Q1 - 1 - h))

@@ -1,0 +1,201 @@
+"""Reference rectangle and mask re-reference the maps at once; the probe inspector's overlay
+is the method's A applied to the reference lattice; exports round-trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_stem_strain import overlay
+from napari_stem_strain._widgets._layers import map_layer_name
+from napari_stem_strain._widgets._session import (
+    BACKGROUND,
+    MASK_LAYER,
+    REFERENCE_LAYER,
+    get_session,
+)
+from napari_stem_strain._widgets.export import ExportWidget
+from napari_stem_strain._widgets.mapping import MappingWidget
+from napari_stem_strain._widgets.probe import PROBE_LAYER, ProbeInspector
+from napari_stem_strain._widgets.reference import ReferenceWidget
+from napari_stem_strain.io.results import read_results
+from napari_stem_strain.strain import parse_region, strain_maps
+
+
+@pytest.fixture
+def mapped(make_napari_viewer, open_scan, tiny_sim, toy_methods, wait_task):
+    """Viewer with the tiny simulation, all four docks, and a finished toy run."""
+    viewer = make_napari_viewer()
+    open_scan(viewer, tiny_sim)
+    docks = {
+        "mapping": MappingWidget(viewer),
+        "reference": ReferenceWidget(viewer),
+        "probe": ProbeInspector(viewer),
+        "export": ExportWidget(viewer),
+    }
+    for w in docks.values():
+        viewer.window.add_dock_widget(w)
+    task = docks["mapping"].run()
+    wait_task(task)
+    assert task.status == "done"
+    return viewer, docks
+
+
+def _rect(r0, r1, c0, c1):
+    return np.array([[r0 - 0.5, c0 - 0.5], [r0 - 0.5, c1 - 0.5], [r1 - 0.5, c1 - 0.5],
+                     [r1 - 0.5, c0 - 0.5]])
+
+
+def test_moving_the_rectangle_rereferences_at_once(mapped, toy_methods):
+    viewer, docks = mapped
+    session = get_session(viewer)
+    n_runs = len(toy_methods["made"])
+    exx = viewer.layers[map_layer_name("ae", "exx")]
+    theta = viewer.layers[map_layer_name("ae", "theta")]
+    before = exx.data.copy()
+    shapes = viewer.layers[REFERENCE_LAYER]
+    # the user drags the rectangle to rows 6-8, columns 1-3
+    shapes.data = [_rect(6, 9, 1, 4)]
+    assert session.reference_region() == "6:9,1:4"
+    assert docks["reference"].region_edit.text() == "6:9,1:4"
+    raw = session.raw_results["ae"]
+    expected = strain_maps(raw.A_raw, "6:9,1:4", 360.0, mask=raw.sample & session.sample_mask())
+    np.testing.assert_allclose(exx.data, expected.exx * 100, rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
+    assert not np.allclose(exx.data, before, equal_nan=True)
+    # zero median strain and rotation in the new reference region
+    rs, cs = parse_region("6:9,1:4")
+    assert abs(np.nanmedian(exx.data[rs, cs])) < 1e-4
+    assert abs(np.nanmedian(theta.data[rs, cs])) < 1e-4
+    assert len(toy_methods["made"]) == n_runs  # no method was re-run
+    # drawing a second rectangle: the newest one is the reference
+    shapes.add_rectangles(_rect(0, 3, 0, 3)[[0, 2]])
+    assert session.reference_region() == "0:3,0:3"
+    assert abs(np.nanmedian(exx.data[0:3, 0:3])) < 1e-3
+    # typing a region moves the rectangle
+    docks["reference"].region_edit.setText("3:5,3:6")
+    docks["reference"].region_edit.returnPressed.emit()
+    assert session.reference_region() == "3:5,3:6"
+
+
+def test_reference_on_vacuum_is_refused_with_a_message(mapped, errors):
+    viewer, _ = mapped
+    exx = viewer.layers[map_layer_name("ae", "exx")]
+    before = exx.data.copy()
+    viewer.layers[REFERENCE_LAYER].data = [_rect(0, 3, 10, 12)]  # vacuum columns 10-11
+    np.testing.assert_array_equal(exx.data, before)
+    assert any("move it onto the crystal" in m for m in errors())
+
+
+def test_painting_background_blanks_the_maps(mapped):
+    viewer, docks = mapped
+    mask = viewer.layers[MASK_LAYER]
+    exx = viewer.layers[map_layer_name("py4dstem", "exx")]
+    assert np.isfinite(exx.data[7, 7])
+    mask.paint((7, 7), BACKGROUND, refresh=True)
+    assert np.isnan(exx.data[7, 7])
+    mask.paint((7, 7), 1, refresh=True)
+    assert np.isfinite(exx.data[7, 7])
+    docks["reference"].source.setCurrentText("CC-ST-AE classifier")
+    docks["reference"].fill_button.click()
+    assert (mask.data == 1).all()  # the toy classifier calls everything sample
+
+
+def _click(viewer, world):
+    """A real press/release through napari's mouse-callback machinery."""
+    from napari.utils._proxies import ReadOnlyWrapper
+    from napari.utils.events import Event
+    from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
+
+    for kind, fn in (("mouse_press", mouse_press_callbacks),
+                     ("mouse_release", mouse_release_callbacks)):
+        ev = Event(type=kind, position=tuple(world), is_dragging=False, modifiers=[],
+                   button=1, view_direction=None, dims_displayed=[0, 1], dims_point=[0, 0],
+                   delta=(0, 0), pos=(0, 0))
+        fn(viewer, ReadOnlyWrapper(ev, exceptions=("handled",)))
+
+
+def test_probe_click_overlays_A_applied_to_reference_lattice(mapped):
+    viewer, docks = mapped
+    probe = docks["probe"]
+    session = get_session(viewer)
+    nav = session.nav_layer()
+    viewer.layers.selection.active = nav
+    _click(viewer, nav.data_to_world((5, 7)))
+    assert session.probe == (5, 7)
+    assert np.allclose(viewer.layers[PROBE_LAYER].data, [[5, 7]])
+    ds = session.dataset
+    region = session.reference_region()
+    lattice = overlay.reference_lattice(overlay.region_mean_pattern(ds, parse_region(region)))
+    pattern = np.asarray(ds.data[5, 7], float)
+    centre, _ = overlay.beam_centre(pattern)
+    np.testing.assert_allclose(probe.centre, centre)
+    assert set(probe.overlay) == {"ae", "py4dstem"}
+    for name in ("ae", "py4dstem"):
+        A = session.results[name].maps.A[5, 7].astype(float)
+        np.testing.assert_allclose(probe.overlay[name], centre + lattice.vectors @ A.T)
+    # what is drawn is what was computed: matplotlib offsets are (column, row)
+    drawn = probe.ax.collections[0].get_offsets()
+    np.testing.assert_allclose(np.asarray(drawn)[:, ::-1], probe.overlay["ae"])
+    assert "CC-ST-AE" in probe.numbers.text() and "exx" in probe.numbers.text()
+    # inside the reference region A ~ I: the predicted disks sit on the measured disks
+    rs, cs = parse_region(region)
+    r, c = rs.start + 1, cs.start + 1
+    viewer.layers.selection.active = viewer.layers[map_layer_name("ae", "exx")]
+    _click(viewer, nav.data_to_world((r, c)))
+    assert session.probe == (r, c)
+    found, _ = overlay.find_disks(probe.pattern, probe.centre, lattice.radius)
+    pred = probe.overlay["ae"][1:]
+    d = np.linalg.norm(found[:, None] - pred[None], axis=2).min(axis=1)
+    assert len(found) >= 4 and np.median(d) < 1.0
+    # display toggles redraw without changing the overlay
+    probe.scale.setCurrentText("log")
+    assert probe.ax.images[0].get_array().max() == pytest.approx(np.log1p(pattern_max(probe)))
+
+
+def pattern_max(probe):
+    return float(np.clip(probe.pattern, 0, None).max())
+
+
+def test_probe_click_on_shapes_layer_does_not_move_probe(mapped):
+    viewer, _ = mapped
+    session = get_session(viewer)
+    start = session.probe
+    viewer.layers.selection.active = viewer.layers[REFERENCE_LAYER]
+    nav = session.nav_layer()
+    _click(viewer, nav.data_to_world((1, 1)))
+    assert session.probe == start
+
+
+def test_exports_round_trip(mapped, tmp_path):
+    viewer, docks = mapped
+    session = get_session(viewer)
+    exp = docks["export"]
+    exp.folder.setText(str(tmp_path))
+    exp.base.setText("run1")
+    h5 = exp.export("h5")
+    assert [p.name for p in h5] == ["run1.h5"]
+    back = read_results(h5[0])
+    assert set(back) == {"ae", "py4dstem"}
+    np.testing.assert_allclose(back["ae"].maps.exx, session.results["ae"].maps.exx,
+                               equal_nan=True)
+    assert back["ae"].reference == session.reference_region()
+    tifs = exp.export("tif")
+    assert len(tifs) == 8
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "run1_py4dstem_theta.tif"),
+                               session.results["py4dstem"].maps.theta, equal_nan=True)
+    png = exp.export("png")
+    assert png[0].stat().st_size > 10_000
+    # napari's own File > Save Selected Layers with our writer
+    viewer.layers.selection = {viewer.layers[map_layer_name("ae", "exx")]}
+    out = tmp_path / "saved.h5"
+    viewer.layers.save(str(out), selected=True, plugin="napari-stem-strain")
+    assert set(read_results(out)) == {"ae"}
+
+
+def test_export_without_results_explains(make_napari_viewer, tmp_path, errors):
+    exp = ExportWidget(make_napari_viewer())
+    exp.folder.setText(str(tmp_path))
+    assert exp.export("h5") == []
+    assert "nothing to export" in errors()[-1]
