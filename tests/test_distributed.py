@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -208,14 +207,35 @@ def test_identical_to_runner_on_existing_cluster(h5file, threads_cluster):
 
 
 def test_local_address_starts_and_closes_cluster(h5file):
+    """``local:2`` as the CLI passes it: two worker processes, gone when the run returns."""
+    import psutil
+
     ref = reference(ComMethod, h5file, block_bytes=4 * 5 * 8 * 8 * 4)
-    before = threading.active_count()
+    def workers() -> set[int]:
+        """Live spawned worker processes (not multiprocessing's long-lived resource tracker)."""
+        out = set()
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                    out.add(p.pid)
+            except psutil.Error:
+                pass
+        return out
+
+    before = workers()
+    seen: list[set[int]] = []
     with open_h5(h5file) as ds:
-        res = run_method_dask(ComMethod(), ds, "local:2", local_processes=False,
-                              block_bytes=3 * 5 * 8 * 8 * 4)
+        res = run_method_dask(ComMethod(), ds, "local:2", block_bytes=3 * 5 * 8 * 8 * 4,
+                              progress=lambda d, t, m: seen.append(workers() - before))
     assert_same(res, ref)
-    time.sleep(0.5)
-    assert threading.active_count() <= before + 2  # no lingering cluster threads
+    assert max(len(s) for s in seen) >= 2  # they really were processes (nanny + worker)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = workers() - before
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, f"worker processes left running: {left}"
 
 
 def test_in_memory_dataset(threads_cluster):

@@ -208,8 +208,9 @@ def virtual_images(
         vals = flat @ masks
         bf[r0:r1] = vals[:, 0].reshape(r1 - r0, Ry)
         adf[r0:r1] = vals[:, 1].reshape(r1 - r0, Ry)
-        psum += block.sum(axis=(0, 1), dtype=np.float64)
-        np.maximum(pmax, block.max(axis=(0, 1)), out=pmax)
+        # BLAS sums one block in float32 (a few thousand patterns), blocks add up in float64
+        psum += (np.ones(flat.shape[0], np.float32) @ flat).reshape(Qx, Qy)
+        np.maximum(pmax, flat.max(axis=0).reshape(Qx, Qy), out=pmax)
         if progress is not None:
             progress(r1 * Ry, total, f"virtual images: {r1}/{Rx} rows")
     check_stop(should_stop)

@@ -62,11 +62,7 @@ def test_run_both_methods_shows_maps_in_percent(setup, qtbot, wait_task, toy_met
     assert w.mae_table.rowCount() == 2
     assert float(w.mae_table.item(0, 0).text()) == round(table["ae"]["exx"] * 100, 3)
     assert errors() == []
-
-
-def test_grid_shows_methods_side_by_side(setup, qtbot, wait_task, toy_methods):
-    viewer, w = setup()
-    wait_task(w.run())
+    # side by side: napari's grid, one row per method, only the maps shown
     w.grid.setChecked(True)
     assert viewer.grid.enabled and tuple(viewer.grid.shape) == (2, 4)
     visible = [layer.name for layer in viewer.layers if layer.visible]
@@ -113,7 +109,10 @@ def test_method_error_is_a_notification(setup, qtbot, wait_task, toy_methods,
     assert w.run_button.isEnabled()
 
 
-def test_run_without_data_or_methods_explains(make_napari_viewer, errors):
+def test_without_data_explains_and_devices_show_what_is_present(make_napari_viewer, qtbot,
+                                                                 errors):
+    from napari_stem_strain.device import available_devices
+
     viewer = make_napari_viewer()
     w = MappingWidget(viewer)
     assert w.run() is None
@@ -121,12 +120,6 @@ def test_run_without_data_or_methods_explains(make_napari_viewer, errors):
     w.use_ae.setChecked(False)
     w.use_py4dstem.setChecked(False)
     assert w.run() is None
-
-
-def test_device_choices_show_what_is_present(make_napari_viewer, qtbot):
-    from napari_stem_strain.device import available_devices
-
-    w = MappingWidget(make_napari_viewer())
     qtbot.waitUntil(lambda: w.devices_known, timeout=60_000)
     items = [w.device.itemData(i) for i in range(w.device.count())]
     assert items == ["auto", "cpu", "cuda"]

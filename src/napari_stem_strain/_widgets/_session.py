@@ -69,6 +69,7 @@ class StrainSession:
         self._last_error: str | None = None
         self._dataset_key: int | None = None
         self._busy = False
+        self._mask_key: int | None = None
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
 
     # ------------------------------------------------------------------ dataset
@@ -184,7 +185,9 @@ class StrainSession:
                                        scale=scale, translate=translate, opacity=0.25)
         layer.metadata[META_KEY] = {"role": "mask"}
         layer.selected_label = BACKGROUND
+        # paint fires before a stroke's pixels land, labels_update after; data: replaced
         layer.events.paint.connect(self._on_mask_edit)
+        layer.events.labels_update.connect(self._on_mask_edit)
         layer.events.data.connect(self._on_mask_edit)
         # keep the rectangle drawn above the mask
         if REFERENCE_LAYER in self.viewer.layers:
@@ -230,7 +233,12 @@ class StrainSession:
         return np.asarray(layer.data) == SAMPLE
 
     def _on_mask_edit(self, event: Any = None) -> None:
-        if not self._busy:
+        if self._busy:
+            return
+        mask = self.sample_mask()
+        key = None if mask is None else hash(mask.tobytes())
+        if key != self._mask_key:  # labels_update also fires for display-only refreshes
+            self._mask_key = key
             self.refresh()
 
     # ------------------------------------------------------------ reference

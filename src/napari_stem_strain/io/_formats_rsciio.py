@@ -56,7 +56,7 @@ def _check_signature(path: Path, suffix: str, fmt: str) -> None:
     with open(path, "rb") as fh:
         head = fh.read(max(len(w) for w in want))
     if not any(head.startswith(w) for w in want):
-        raise fail(path, f"not a {fmt} file (it does not start with {want[0].decode()!r}; "
+        raise fail(path, f"not a valid {fmt} (it does not start with {want[0].decode()!r}; "
                    "wrong suffix or corrupt)")
 
 

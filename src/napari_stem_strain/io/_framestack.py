@@ -158,32 +158,42 @@ class FrameStack:
         out = np.empty((len(ids), *self.shape[2:]), self.dtype)
         if len(ids) == 0:
             return out
+        if len(ids) == 1 or bool(np.all(np.diff(ids) > 0)):  # the usual case: read in place
+            self._read_sorted(ids, out)
+            return out
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         uniq, inverse = np.unique(sorted_ids, return_inverse=True)
-        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         got = np.empty((len(uniq), *self.shape[2:]), self.dtype)
+        self._read_sorted(uniq, got)
+        out[order] = got[inverse]
+        return out
+
+    def _read_sorted(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """Frames ``ids`` (strictly increasing) into ``out``, one read per run of consecutive
+        frames within one source."""
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
         pos = 0
-        for run in np.split(uniq, breaks):
+        for run in np.split(ids, breaks):
             a, b = int(run[0]), int(run[-1]) + 1
             while a < b:  # a run may cross from one data file into the next
                 k = int(np.searchsorted(self._starts, a, side="right")) - 1
                 src, s0 = self._sources[k], int(self._starts[k])
                 e = min(b, int(self._starts[k + 1]))
-                block = src.read(a - s0, e - s0)
-                got[pos: pos + (e - a)] = block
+                out[pos: pos + (e - a)] = src.read(a - s0, e - s0)
                 pos += e - a
                 a = e
-        out[order] = got[inverse]
-        return out
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
             key = (key,)
         if any(k is None for k in key):
             raise TypeError("FrameStack does not support np.newaxis")
-        if Ellipsis in key:
-            i = key.index(Ellipsis)
+        ell = [i for i, k in enumerate(key) if k is Ellipsis]
+        if len(ell) > 1:
+            raise IndexError("an index can only have a single ellipsis ('...')")
+        if ell:
+            i = ell[0]
             fill = 4 - (len(key) - 1)
             key = key[:i] + (slice(None),) * fill + key[i + 1:]
         if len(key) > 4:

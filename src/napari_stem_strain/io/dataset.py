@@ -74,7 +74,8 @@ class Dataset:
         """Scan rows ``r0:r1`` as a numpy array of ``dtype`` (a copy, never a view of the file)."""
         block = self.data[r0:r1]
         if hasattr(block, "compute"):
-            block = block.compute()
+            # threads: never ship a graph over open file handles to a distributed client
+            block = block.compute(scheduler="threads")
         return np.asarray(block, dtype=dtype)
 
     def iter_blocks(

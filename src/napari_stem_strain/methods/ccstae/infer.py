@@ -59,12 +59,12 @@ class Engine:
     tpl: DiskTemplate
     P: torch.Tensor
     device: str = "cpu"
-    refine_steps: int = 3
+    refine_steps: int = 2
     polish_deg: float = 8.0
 
     @classmethod
     def build(cls, model: Model, sample: np.ndarray, device: str = "cpu",
-              refine_steps: int = 3, n_disks: int = N_DISKS) -> Engine:
+              refine_steps: int = 2, n_disks: int = N_DISKS) -> Engine:
         """Measure geometry and template from ``sample`` patterns ``(M, Qx, Qy)``."""
         geom = measure_geometry(sample)
         pats = as_patterns(sample)
@@ -143,7 +143,7 @@ class CCSTAEMethod(BlockMethod):
 
     def __init__(self, model: Model | str | Path | None = None, device: str = "auto",
                  batch_size: int | None = None, sample_mask: np.ndarray | None = None,
-                 reference: str | None = None, refine_steps: int = 3) -> None:
+                 reference: str | None = None, refine_steps: int = 2) -> None:
         self.model = load_model(model if model is not None else "default")
         self.device = resolve_device(device)
         self.batch_size = int(batch_size) if batch_size else (4096 if self.device == "cuda"

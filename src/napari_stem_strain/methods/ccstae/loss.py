@@ -57,7 +57,8 @@ def ccstae_loss(
     # input -> base frame, compared inside the base's disks
     e_fwd = (((out["x_in_base"] - base_s) ** 2) * m).sum((1, 2, 3)) / msum
     # base -> input frame, compared inside the base's disks carried along
-    m_in = warp(m.expand(x.shape[0], 1, -1, -1), torch.linalg.inv(out["A"]), model.extent)
+    m_in = warp(m.expand(x.shape[0], 1, -1, -1), torch.linalg.inv(out["A"].detach()),
+                model.extent)
     e_bwd = (((out["base_in_x"] - x) ** 2) * m_in).sum((1, 2, 3)) / m_in.sum((1, 2, 3)).clamp_min(1)
     e_sample = 0.5 * (e_fwd + e_bwd)
     e_back = (((x - base_b) ** 2) * m).sum((1, 2, 3)) / msum

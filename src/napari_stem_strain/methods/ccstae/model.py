@@ -80,7 +80,7 @@ class CCSTAE(nn.Module):
     """Encoder + two learned bases (index 0 background, 1 sample) + spatial transformer."""
 
     def __init__(self, n: int = 32, extent: float = 2.6, symmetry_deg: float = 60.0,
-                 width: int = 12, band: float = 0.1) -> None:
+                 width: int = 8, band: float = 0.1) -> None:
         super().__init__()
         if n % 8:
             raise ValueError(f"encoder input size {n} must be a multiple of 8")

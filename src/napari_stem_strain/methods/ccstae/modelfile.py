@@ -70,7 +70,7 @@ class Model:
 
 
 def new_model(g1: np.ndarray, g2: np.ndarray, n: int = 32, extent: float = 2.6,
-              width: int = 12, seed: int = 0) -> Model:
+              width: int = 8, seed: int = 0) -> Model:
     """A fresh (untrained) model for the lattice ``g1, g2`` (lattice units)."""
     sym = lattice_symmetry(np.asarray(g1), np.asarray(g2), tol=0.05)
     torch.manual_seed(seed)

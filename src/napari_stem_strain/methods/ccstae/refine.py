@@ -43,8 +43,8 @@ __all__ = ["DiskTemplate", "make_template", "lattice_points", "refine", "angular
 
 @dataclass
 class DiskTemplate:
-    """Patch offsets ``(P, 2)`` pixels, the 4xP pseudo-inverse of ``[T, 1, -dT/dr, -dT/dc]``
-    and the template itself (for inspection)."""
+    """Patch offsets ``(P, 2)`` pixels and the design matrix (8 columns, see
+    :func:`make_template`) with its pseudo-inverse; the shift is the last two coefficients."""
 
     offsets: torch.Tensor
     pinv: torch.Tensor
@@ -78,8 +78,12 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float) -> DiskTe
     scale = float(T.max() - T.min())
     if not scale > 0:
         raise ValueError("the direct beam is flat: cannot build a disk template")
-    D = torch.stack([T, torch.ones_like(T), -Tr, -Tc], 1) / torch.tensor(
-        [scale, 1.0, scale, scale], device=T.device)
+    # columns: gain, offset, background ramp (2), gain ramp inside the disk (2), shift (2).
+    # Ramps are odd functions like the edge gradients; left out, a sloping diffuse background
+    # or an intensity gradient across a disk would read as a shift.
+    o = off / h
+    Tn = T / scale
+    D = torch.stack([Tn, torch.ones_like(T), o[:, 0], o[:, 1], -Tr / scale, -Tc / scale], 1)
     pinv = torch.linalg.pinv(D.double()).float()
     return DiskTemplate(off, pinv, D, float(r))
 
@@ -155,17 +159,20 @@ def refine(
         pos = t[:, None, :] + L * torch.einsum("bxy,ky->bkx", A, P)  # (B,K,2)
         pts = (pos[:, :, None, :] + tpl.offsets).reshape(B, K * npix, 2)
         patch = sqrt_samples(pats, pts).reshape(B, K, npix)
-        coef = patch @ tpl.pinv.T  # (B,K,4)
+        coef = patch @ tpl.pinv.T  # (B,K,8)
         # residual power without forming the residual: |p|^2 - c^T (D^T D) c
         fitted = torch.einsum("bki,ij,bkj->bk", coef, G32, coef)
-        sigma2 = ((patch * patch).sum(-1) - fitted).clamp(min=0) / max(1, npix - 4)
+        sigma2 = ((patch * patch).sum(-1) - fitted).clamp(min=0) / max(1, npix - G.shape[0])
         a = coef[..., 0]
         inside = ((pos[..., 0] > h) & (pos[..., 0] < Q0 - 1 - h)
                   & (pos[..., 1] > h) & (pos[..., 1] < Q1 - 1 - h))
-        snr = a / torch.sqrt(sigma2 * g00 + 1e-20 * a.abs() ** 2 + 1e-30)
+        # noise floor: 1e-4 of the beam's amplitude (1e-8 of its intensity in sqrt units), so
+        # that exactly-zero noise-free vacuum never looks like a significant disk
+        floor = (1e-4 * a[:, :1].abs()) ** 2 + 1e-30
+        snr = a / torch.sqrt(sigma2 * g00 + floor)
         ok = inside & (snr > min_snr)
         a_safe = torch.where(ok, a, torch.ones_like(a))
-        d = (coef[..., 2:4] / a_safe[..., None]).clamp(-h / 2, h / 2)
+        d = (coef[..., -2:] / a_safe[..., None]).clamp(-h / 2, h / 2)
         w = torch.where(ok, a ** 2, torch.zeros_like(a))  # (B,K)
         n_ok = ok[:, 1:].sum(1)
         # weighted least squares for the update [dA | dt] from shifts d = dA p + dt

@@ -45,7 +45,8 @@ def lattice_from_pattern(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray, f
     """Base lattice ``(g1, g2)`` in lattice units and its symmetry from one (mean) pattern.
 
     Peaks = local maxima of the square-rooted pattern, beyond the direct beam, standing clearly
-    above the local background (median + 6 robust sigma), refined by a centre of mass.
+    above the background (median + 4 robust sigma, and a quarter of the strongest disk),
+    refined by a centre of mass.
     """
     import torch.nn.functional as F
 
@@ -64,7 +65,11 @@ def lattice_from_pattern(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray, f
     vals = s.numpy()[ring]
     med = np.median(vals)
     sig = 1.4826 * np.median(np.abs(vals - med)) + 1e-12
-    peak = (s == mx).numpy() & ring & (s.numpy() > med + 6 * sig)
+    cand = (s == mx).numpy() & ring
+    top = float(s.numpy()[cand].max()) if cand.any() else 0.0
+    # clearly above the noise AND not negligible next to the strongest disk (a noise maximum
+    # near the beam would otherwise become the "shortest lattice vector")
+    peak = cand & (s.numpy() > med + 4 * sig) & (s.numpy() > med + 0.25 * (top - med))
     peak &= (ii > geom.r) & (ii < Q0 - 1 - geom.r) & (jj > geom.r) & (jj < Q1 - 1 - geom.r)
     pi, pj = np.nonzero(peak)
     if len(pi) < 2:

@@ -1,0 +1,240 @@
+"""CC-ST-AE: conventions, fitting, model files, streaming inference (tiny models, tiny data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stem_strain.io.dataset import Dataset
+from napari_stem_strain.methods.ccstae import (
+    CCSTAEMethod,
+    Engine,
+    fit_model,
+    load_model,
+    predict_pattern,
+    save_model,
+)
+from napari_stem_strain.methods.ccstae.infer import sample_patterns
+from napari_stem_strain.methods.ccstae.model import warp
+from napari_stem_strain.methods.ccstae.modelfile import new_model
+from napari_stem_strain.methods.ccstae.train import collect_training_set, train_model
+from napari_stem_strain.methods.runner import run_method
+from napari_stem_strain.strain import A_to_strain, strain_maps, strain_to_A
+
+HEX = (np.array([1.0, 0.0]), np.array([0.5, np.sqrt(3) / 2]))
+STRAIN = (0.012, -0.006, 0.004, 3.0)  # exx, eyy, exy, theta (deg) of the strained half
+
+
+def render(A_px: np.ndarray | None, centre: np.ndarray, Q: int = 64, r: float = 3.0,
+           rng: np.random.Generator | None = None, L: float = 12.0) -> np.ndarray:
+    """One pattern: a direct beam at ``centre`` and Bragg disks at ``centre + A_px g0`` (g0 a
+    hexagonal lattice of spacing ``L`` px, first-order disks at 2 % of the beam); ``A_px``
+    None: vacuum, the direct beam only."""
+    ii, jj = np.mgrid[0:Q, 0:Q].astype(np.float64)
+    img = np.zeros((Q, Q))
+    vacuum = A_px is None
+    A_px = np.eye(2) if vacuum else A_px
+    for h in range(-6, 7):
+        for k in range(-6, 7):
+            if vacuum and (h or k):
+                continue
+            g0 = L * (h * HEX[0] + k * HEX[1])
+            q = centre + A_px @ g0
+            if np.abs(q - Q / 2).max() > Q / 2 + r:
+                continue
+            amp = 1.0 if h == k == 0 else 0.02 * np.exp(-np.linalg.norm(g0) / 40)
+            if rng is not None and (h or k):
+                amp *= rng.uniform(0.5, 1.0)  # "dynamical" intensity changes
+            d = np.hypot(ii - q[0], jj - q[1])
+            img += amp * 0.5 * (1 - np.tanh((d - r) / 0.6))
+    if rng is not None:
+        img = rng.poisson(img * 4e4) / 4e4
+    return img.astype(np.float32)
+
+
+def tiny_scan(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8x8 scan: columns 0-3 unstrained reference, 4-6 the known ``STRAIN``, column 7 vacuum;
+    the beam drifts by up to 1.5 px (descan). Returns data, true A, sample mask."""
+    rng = np.random.default_rng(seed)
+    A_ref = np.eye(2)
+    A_str = strain_to_A(*STRAIN)
+    data = np.zeros((8, 8, 64, 64), np.float32)
+    A_true = np.full((8, 8, 2, 2), np.nan)
+    sample = np.ones((8, 8), bool)
+    sample[:, 7] = False
+    for i in range(8):
+        for j in range(8):
+            c = np.array([32.0, 32.0]) + 1.5 * np.array([np.sin(i / 3), np.cos(j / 4)])
+            if not sample[i, j]:
+                data[i, j] = render(None, c, rng=rng)
+                continue
+            A = A_ref if j < 4 else A_str
+            A_true[i, j] = A
+            data[i, j] = render(A, c, rng=rng)
+    return data, A_true, sample
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return tiny_scan()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, scan):
+    data, _, _ = scan
+    out = tmp_path_factory.mktemp("m") / "tiny.pt"
+    init = new_model(*HEX, n=16, extent=2.6, width=4, seed=1)
+    fit_model(Dataset(data=data), init=init, epochs=40, out=out, device="cpu",
+              reference="0:8,0:4")
+    return out
+
+
+def test_refinement_recovers_known_strain_and_sign_conventions():
+    """Gauss-Newton refinement alone (untrained net): theta and exy signs as CONVENTIONS.md."""
+    rng = np.random.default_rng(3)
+    truths = [(0.01, -0.005, 0.006, 4.0), (-0.008, 0.004, -0.005, -6.0), (0, 0, 0, 0)]
+    pats = np.stack([render(strain_to_A(*t), np.array([32.3, 31.6]), rng=rng) for t in truths])
+    model = new_model(*HEX, n=16, width=4)
+    eng = Engine.build(model, pats)
+    out = eng.run(pats, init="search")
+    A = out["A"].numpy().astype(np.float64)
+    rel = A @ np.linalg.inv(A[2])  # relative to the unstrained pattern
+    exx, eyy, exy, th = A_to_strain(rel, 60.0)
+    for k, t in enumerate(truths):
+        assert abs(exx[k] - t[0]) < 1e-3 and abs(eyy[k] - t[1]) < 1e-3
+        assert abs(exy[k] - t[2]) < 1e-3
+        assert abs(th[k] - t[3]) < 0.1
+    assert np.allclose(out["centre"][2].numpy(), [32.3, 31.6], atol=0.05)
+
+
+def test_spatial_transformer_convention():
+    """``warp(img, M)`` samples ``img`` at ``M v``: a blob at ``v0`` moves to ``M^-1 v0``."""
+    n, ext = 32, 2.6
+    v = ext * ((2 * torch.arange(n) + 1) / n - 1)
+    rr, cc = torch.meshgrid(v, v, indexing="ij")
+    v0 = torch.tensor([0.9, -0.5])
+    img = torch.exp(-((rr - v0[0]) ** 2 + (cc - v0[1]) ** 2) / 0.02)[None, None]
+    M = torch.tensor(strain_to_A(0.05, -0.03, 0.04, 20.0), dtype=torch.float32)[None]
+    out = warp(img, M, ext)[0, 0]
+    w = out / out.sum()
+    got = torch.stack([(w * rr).sum(), (w * cc).sum()])
+    want = torch.linalg.solve(M[0], v0)
+    assert torch.allclose(got, want, atol=0.03)
+
+
+def test_fit_recovers_uniform_strain_and_background_is_nan(fitted, scan):
+    data, A_true, sample = scan
+    model = load_model(fitted)
+    assert model.symmetry_deg == 60.0
+    res = run_method(CCSTAEMethod(model, device="cpu"), Dataset(data=data))
+    assert res.method == "ae" and res.symmetry_deg == 60.0
+    assert np.array_equal(res.sample, sample)
+    assert np.isnan(res.A[~sample]).all() and np.isfinite(res.A[sample]).all()
+    assert res.extras["class_prob"].shape == (8, 8)
+    maps = strain_maps(res.A, "0:8,0:4", res.symmetry_deg, res.sample)
+    for name, want in zip(("exx", "eyy", "exy", "theta"), STRAIN, strict=True):
+        got = getattr(maps, name)[:, 4:7]
+        tol = 0.05 if name == "theta" else 1e-3
+        assert np.abs(got - want).max() < tol, name
+        assert np.isnan(getattr(maps, name)[:, 7]).all()
+
+
+def test_training_loss_decreases(scan):
+    data, _, _ = scan
+    model = new_model(*HEX, n=16, width=4, seed=2)
+    ds = Dataset(data=data)
+    eng = Engine.build(model, sample_patterns(ds))
+    train = collect_training_set(eng, ds)
+    assert int(train["sample"].sum()) == 56  # 7 crystal columns x 8 rows registered
+    _, info = train_model(model, train, epochs=6, seed=0, patience=10, batch=16)
+    h = info["history"]
+    assert h[-1]["train"] < 0.7 * h[0]["train"]
+
+
+def test_model_round_trip_and_determinism(fitted, scan, tmp_path):
+    data, _, _ = scan
+    m1 = load_model(fitted)
+    p2 = save_model(m1, tmp_path / "copy.pt")
+    m2 = load_model(p2)
+    for k, v in m1.net.state_dict().items():
+        assert torch.equal(v, m2.net.state_dict()[k])
+    a = predict_pattern(m1, data[2, 5])
+    b = predict_pattern(m2, data[2, 5])
+    assert np.array_equal(a["A"], b["A"]) and a["sample_prob"] == b["sample_prob"]
+    assert a["sample_prob"] > 0.5
+    # same seed, same data -> the same weights
+    again = fit_model(Dataset(data=data), init=new_model(*HEX, n=16, width=4, seed=1),
+                      epochs=40, out=tmp_path / "again.pt", device="cpu", reference="0:8,0:4")
+    m3 = load_model(again)
+    for k, v in m1.net.state_dict().items():
+        assert torch.equal(v, m3.net.state_dict()[k]), k
+
+
+def test_bad_model_files_are_refused(tmp_path, fitted):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="cannot be read as a model"):
+        load_model(junk)
+    d = torch.load(fitted, weights_only=True)
+    d["format_version"] = 99
+    torch.save(d, tmp_path / "v99.pt")
+    with pytest.raises(ValueError, match="format version"):
+        load_model(tmp_path / "v99.pt")
+    d["format_version"] = 1
+    d["state_dict"] = {k: v for k, v in d["state_dict"].items() if k != "base"}
+    torch.save(d, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="damaged or incomplete"):
+        load_model(tmp_path / "partial.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a napari-stem-strain CC-ST-AE model"):
+        load_model(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no such file"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_model_that_does_not_fit_the_data_is_refused(fitted):
+    # a square lattice: the hexagonal model's disks land between the data's
+    rng = np.random.default_rng(0)
+    sq = np.zeros((4, 4, 64, 64), np.float32)
+    ii, jj = np.mgrid[0:64, 0:64]
+    for i in range(4):
+        for j in range(4):
+            img = np.zeros((64, 64))
+            for h in range(-3, 4):
+                for k in range(-3, 4):
+                    q = np.array([32.0, 32.0]) + 12.0 * np.array([h, k])
+                    amp = 1.0 if h == k == 0 else 0.02
+                    img += amp * (np.hypot(ii - q[0], jj - q[1]) < 3)
+            sq[i, j] = rng.poisson(img * 4e4) / 4e4
+    with pytest.raises(ValueError, match="does not fit this data"):
+        run_method(CCSTAEMethod(fitted, device="cpu"), Dataset(data=sq))
+    tiny = np.zeros((2, 2, 16, 16), np.float32)
+    tiny[..., 7:9, 7:9] = 1
+    with pytest.raises(ValueError):
+        run_method(CCSTAEMethod(fitted, device="cpu"), Dataset(data=tiny))
+
+
+def test_nan_patterns_are_refused(fitted, scan):
+    data = scan[0].copy()
+    data[3, 3, 10, 10] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        run_method(CCSTAEMethod(fitted, device="cpu"), Dataset(data=data))
+
+
+def test_one_block_or_many_give_identical_results(fitted, scan):
+    ds = Dataset(data=scan[0])
+    one = run_method(CCSTAEMethod(fitted, device="cpu"), ds, block_bytes=2**30)
+    many = run_method(CCSTAEMethod(fitted, device="cpu", batch_size=5), ds,
+                      block_bytes=8 * 64 * 64 * 4)  # one scan row per block
+    assert np.array_equal(one.A, many.A, equal_nan=True)
+    assert np.array_equal(one.sample, many.sample)
+
+
+def test_sample_mask_overrides_classifier(fitted, scan):
+    mask = np.zeros((8, 8), bool)
+    mask[:4] = True
+    res = run_method(CCSTAEMethod(fitted, device="cpu", sample_mask=mask),
+                     Dataset(data=scan[0]))
+    assert np.array_equal(res.sample, mask)
+    assert np.isnan(res.A[4:]).all()
