@@ -238,3 +238,28 @@ def test_sample_mask_overrides_classifier(fitted, scan):
                      Dataset(data=scan[0]))
     assert np.array_equal(res.sample, mask)
     assert np.isnan(res.A[4:]).all()
+
+
+def test_cancel_then_resume_gives_the_uninterrupted_result(scan, tmp_path):
+    from napari_stem_strain.methods.base import Cancelled
+
+    data, _, _ = scan
+    ds = Dataset(data=data)
+    eng = Engine.build(new_model(*HEX, n=16, width=4, seed=3), sample_patterns(ds))
+    train = collect_training_set(eng, ds)
+    ref, _ = train_model(new_model(*HEX, n=16, width=4, seed=3), train, epochs=4, seed=0,
+                         patience=10, batch=16)
+    ck = tmp_path / "m.ckpt"
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        train_model(new_model(*HEX, n=16, width=4, seed=3), train, epochs=4, seed=0,
+                    patience=10, batch=16, checkpoint=ck,
+                    progress=lambda d, t, m: seen.append(d), should_stop=lambda: len(seen) >= 2)
+    assert ck.exists() and seen == [1, 2]
+    seen.clear()
+    resumed, info = train_model(new_model(*HEX, n=16, width=4, seed=3), train, epochs=4, seed=0,
+                                patience=10, batch=16, checkpoint=ck,
+                                progress=lambda d, t, m: seen.append(d))
+    assert seen == [3, 4] and len(info["history"]) == 4
+    for k, v in ref.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k

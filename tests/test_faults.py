@@ -214,3 +214,50 @@ def test_simulation_to_unwritable_place_fails_before_work(tmp_path):
     with pytest.raises(OSError, match="MiB free"):
         simulate_to_file(tmp_path / "sim.h5", too_big)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_input(tmp_path_factory) -> Path:
+    from napari_stem_strain.simulate import SimulationSettings, simulate_to_file
+
+    path = tmp_path_factory.mktemp("cli") / "tiny.h5"
+    simulate_to_file(path, SimulationSettings(scan=(8, 8), pattern=64, seed=1), workers=1)
+    return path
+
+
+def _no_method_may_run(monkeypatch) -> None:
+    from napari_stem_strain import pipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("a method ran although the run was bound to fail")
+
+    monkeypatch.setattr(pipeline, "run_method_on", refuse)
+
+
+def test_cli_map_to_missing_folder_fails_before_the_work(tiny_input, tmp_path, monkeypatch,
+                                                         capsys):
+    from napari_stem_strain.cli import main
+
+    _no_method_may_run(monkeypatch)
+    before = _sha(tiny_input)
+    code = main(["map", str(tiny_input), "--method", "py4dstem", "--quiet",
+                 "--out", str(tmp_path / "nope" / "out.h5")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("stem-strain: error:") and "does not exist" in err
+    assert "\n" not in err  # one line, no traceback
+    assert _sha(tiny_input) == before
+
+
+def test_cli_map_with_bad_dask_address_is_one_line(tiny_input, tmp_path, capsys):
+    from napari_stem_strain.cli import main
+
+    out = tmp_path / "out.h5"
+    code = main(["map", str(tiny_input), "--method", "py4dstem", "--quiet", "--out", str(out),
+                 "--dask", "nonsense"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "dask address" in err and "\n" not in err
+    assert not out.exists()

@@ -115,6 +115,29 @@ def test_vacuum_is_nan_and_not_sample(scan: dict) -> None:
     assert "vacuum" in res.settings["probe_template"]
 
 
+def test_no_vacuum_uses_synthetic_probe(scan: dict) -> None:
+    """Without vacuum in the scan the template is a synthetic disk of the measured radius, every
+    position is crystal, and the strain is still recovered."""
+    res = run_py4dstem(Dataset(scan["data"][:, :14]), reference=REF)
+    assert res.settings["probe_template"].startswith("synthetic disk")
+    assert abs(res.settings["probe_radius"] - R) < 0.5
+    assert res.sample.all()
+    m = strain_maps(res.A, REF, res.symmetry_deg, mask=res.sample)
+    assert np.max(np.abs(m.exx[:, 4:8] - STRAIN[0])) < 1e-3
+    assert np.max(np.abs(m.eyy[:, 4:8] - STRAIN[1])) < 1e-3
+
+
+def test_user_sample_mask_overrides(scan: dict) -> None:
+    mask = np.ones((10, 16), bool)
+    mask[:, :2] = False  # call two crystal columns background
+    mask[:, 14:] = False
+    res = run_py4dstem(Dataset(scan["data"][:, :]), reference="0:10,2:4", sample_mask=mask)
+    assert np.array_equal(res.sample, mask)
+    assert np.isnan(res.A[:, :2]).all() and np.isfinite(res.A[:, 2:14]).all()
+    with pytest.raises(ValueError, match="sample mask"):
+        run_py4dstem(Dataset(scan["data"]), reference=REF, sample_mask=np.ones((3, 3), bool))
+
+
 def test_progress_reported(scan: dict) -> None:
     calls = scan["calls"]
     done = [d for d, _, _ in calls]
@@ -125,7 +148,7 @@ def test_progress_reported(scan: dict) -> None:
 
 def test_blocks_are_independent(scan: dict) -> None:
     """One block or many give identical A (prepare() fixes every setting)."""
-    data = scan["data"][:4]
+    data = scan["data"][:2]
     m = scan["method"]
     one = run_method(m, Dataset(data), prepared=True)
     many = run_method(m, Dataset(data), prepared=True, block_bytes=1)
@@ -239,3 +262,20 @@ def test_index_pattern_rejects_noise() -> None:
         res = index_pattern(pts, rng.uniform(0.5, 1, 12), HEX0.T, 60.0, tol=0.2 * L)
         fits += res.fit is not None
     assert fits <= 1
+
+
+def test_benchmark_page_sections(tmp_path) -> None:
+    """benchmarks/common.write_section replaces only its own marked section."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import write_section
+
+    page = tmp_path / "b.md"
+    write_section("a", "first A", page)
+    write_section("b", "only B", page)
+    write_section("a", "second A", page)
+    text = page.read_text()
+    assert "second A" in text and "first A" not in text and "only B" in text
+    assert text.count("<!-- BEGIN a -->") == 1 and text.index("second A") < text.index("only B")

@@ -93,7 +93,10 @@ def open_interactively(path: str) -> Any | None:
             return None
     for _ in range(3):
         try:
-            return open_dataset(path, dataset=dataset, scan_shape=scan_shape)
+            ds = open_dataset(path, dataset=dataset, scan_shape=scan_shape)
+            if dataset is not None:
+                ds.metadata["chosen_by_user"] = True
+            return ds
         except DataError as err:
             msg = str(err)
             if scan_shape is None and _needs_scan_shape(msg):
@@ -117,9 +120,11 @@ def _units_ok(units: str | None) -> bool:
         return False
 
 
-def dataset_layers(ds: Any, ground_truth: Any = None) -> list[LayerData]:
+def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None
+                   ) -> list[LayerData]:
     """Layer data of an opened dataset: annular dark field, then bright field on top (the
-    navigation image, carrying the dataset)."""
+    navigation image, carrying the dataset). Layers are named after the file (``label``
+    overrides), plus the array's name when the user chose one of several."""
     from .virtual import virtual_images
 
     vi = virtual_images(ds)
@@ -128,7 +133,10 @@ def dataset_layers(ds: Any, ground_truth: Any = None) -> list[LayerData]:
     common: dict[str, Any] = {"scale": (step, step)}
     if cal.r_pixel_size and _units_ok(cal.r_units):
         common["units"] = (cal.r_units, cal.r_units)
-    label = ds.name or (Path(ds.source).stem if ds.source else "4D-STEM")
+    if label is None:
+        label = Path(ds.source).stem if ds.source else (ds.name or "4D-STEM")
+        if ds.metadata.get("chosen_by_user") and ds.name:
+            label = f"{label} {ds.name.rstrip('/').split('/')[-1] or ds.name}"
     info = {"role": "navigation", "dataset": ds, "virtual": vi, "ground_truth": ground_truth,
             "source": str(ds.source or "")}
     adf = (vi.dark_field, {**common, "name": f"{label} ADF", "colormap": "gray",

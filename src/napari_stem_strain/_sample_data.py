@@ -51,6 +51,9 @@ def sample_path(key: str) -> Path:
     return path
 
 
+_LABELS = {"polycrystal": "polycrystal (simulated)", "tmd_flake": "WS2-like flake (simulated)"}
+
+
 def _layers(key: str) -> list[tuple[Any, ...]]:
     from ._reader import dataset_layers
     from .io.ground_truth import read_ground_truth
@@ -58,8 +61,7 @@ def _layers(key: str) -> list[tuple[Any, ...]]:
 
     path = sample_path(key)
     ds = open_dataset(path)
-    ds.name = ds.name or key
-    return dataset_layers(ds, read_ground_truth(path))
+    return dataset_layers(ds, read_ground_truth(path), label=_LABELS[key])
 
 
 def polycrystal_sample() -> list[tuple[Any, ...]]:

@@ -10,8 +10,9 @@ does, only the ``process_block`` calls run on dask workers:
 3. the scan is split into blocks of whole rows; each task receives only ``(path, dataset name,
    r0, r1)``, opens the file itself (read-only, cached per worker process) and reads its own
    rows - the patterns never travel through the client;
-4. the small ``(A, sample)`` of each block comes back, is assembled in scan order, and
-   ``method.finish`` runs on the client.
+4. the small ``(A, sample)`` of each block comes back (with the block's rows of any
+   per-position array the method keeps on itself, see :func:`_per_position_rows`), is
+   assembled in scan order, and ``method.finish`` runs on the client.
 
 Because a block's result does not depend on other blocks (the BlockMethod contract), the
 result is identical to the single-process runner's.
@@ -215,26 +216,52 @@ def _worker_dataset(ref: DatasetRef) -> Dataset:
         return ds
 
 
-def _block_from_file(
-    method: BlockMethod, ref: DatasetRef, r0: int, r1: int
-) -> tuple[int, int, np.ndarray, np.ndarray]:
+_Out = tuple[int, int, np.ndarray, np.ndarray, dict[str, np.ndarray]]
+
+
+def _block_from_file(method: BlockMethod, ref: DatasetRef, r0: int, r1: int) -> _Out:
     """One task: read rows ``r0:r1`` on the worker and run the method on them."""
     block = _worker_dataset(ref).read_rows(r0, r1)  # h5py serialises reads itself
-    return _process(method, block, r0, r1)
+    return _process(method, block, r0, r1, ref.shape[:2])
 
 
-def _block_from_array(
-    method: BlockMethod, block: np.ndarray, r0: int, r1: int
-) -> tuple[int, int, np.ndarray, np.ndarray]:
+def _block_from_array(method: BlockMethod, block: np.ndarray, r0: int, r1: int,
+                      scan_shape: tuple[int, int]) -> _Out:
     """One task of an in-memory dataset: the block arrives with the task."""
-    return _process(method, np.asarray(block, np.float32), r0, r1)
+    return _process(method, np.asarray(block, np.float32), r0, r1, scan_shape)
 
 
-def _process(
-    method: BlockMethod, block: np.ndarray, r0: int, r1: int
-) -> tuple[int, int, np.ndarray, np.ndarray]:
+def _process(method: BlockMethod, block: np.ndarray, r0: int, r1: int,
+             scan_shape: tuple[int, ...]) -> _Out:
     a, s = method.process_block(block, r0)
-    return r0, r1, np.asarray(a, np.float32), np.asarray(s, bool)
+    return r0, r1, np.asarray(a, np.float32), np.asarray(s, bool), \
+        _per_position_rows(method, r0, r1, scan_shape)
+
+
+def _per_position_rows(method: BlockMethod, r0: int, r1: int,
+                       scan_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Rows ``r0:r1`` of every per-position array the method keeps on itself.
+
+    A method may record per-position side results in an attribute of shape ``(Rx, Ry, ...)``
+    while it processes a block (CC-ST-AE keeps its class probability so, for
+    ``MethodResult.extras``). On a worker that attribute lives on the worker's copy, so the
+    block's rows travel back with the block and :func:`_apply_rows` writes them into the
+    client's copy before ``finish`` - the result then equals the single-process one, extras
+    included.
+    """
+    Rx, Ry = int(scan_shape[0]), int(scan_shape[1])
+    out = {}
+    for k, v in vars(method).items():
+        if isinstance(v, np.ndarray) and v.ndim >= 2 and v.shape[:2] == (Rx, Ry):
+            out[k] = np.array(v[r0:r1])
+    return out
+
+
+def _apply_rows(method: BlockMethod, rows: dict[str, np.ndarray], r0: int, r1: int) -> None:
+    for k, v in rows.items():
+        cur = getattr(method, k, None)
+        if isinstance(cur, np.ndarray) and cur[r0:r1].shape == v.shape and cur.flags.writeable:
+            cur[r0:r1] = v
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,9 +346,10 @@ def run_method_dask(
                         should_stop)
         try:
             done_rows = 0
-            for i, (r0, r1, a, s) in enumerate(run.results(blocks, n_workers), 1):
+            for i, (r0, r1, a, s, rows) in enumerate(run.results(blocks, n_workers), 1):
                 A[r0:r1] = a
                 sample[r0:r1] = s
+                _apply_rows(method, rows, r0, r1)
                 done_rows += r1 - r0
                 if progress is not None:
                     progress(done_rows * Ry, total,
@@ -363,12 +391,12 @@ class _BlockRun:
         else:
             fut = self.client.submit(_block_from_array, self.method_f,
                                      self.dataset.read_rows(r0, r1), r0, r1,
+                                     tuple(self.dataset.scan_shape),
                                      retries=self.retries, pure=False)
         self.pending[fut] = (r0, r1)
 
-    def results(self, blocks: list[tuple[int, int]], n_workers: int
-                ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-        """``(r0, r1, A, sample)`` of every block, in completion order."""
+    def results(self, blocks: list[tuple[int, int]], n_workers: int) -> Iterator[_Out]:
+        """``(r0, r1, A, sample, per-position rows)`` of every block, in completion order."""
         from distributed import wait
         from distributed.scheduler import KilledWorker
 

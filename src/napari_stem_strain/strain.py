@@ -27,6 +27,7 @@ __all__ = [
     "strain_to_A",
     "polar_decompose",
     "A_to_strain",
+    "check_region",
     "reference_A",
     "normalise_to_reference",
     "strain_maps",
@@ -161,6 +162,27 @@ def _region_slices(region: tuple[slice, slice] | str) -> tuple[slice, slice]:
     return parse_region(region) if isinstance(region, str) else region
 
 
+def check_region(
+    region: tuple[slice, slice] | str, scan_shape: tuple[int, ...]
+) -> tuple[slice, slice]:
+    """Parse ``region`` and check it overlaps an ``(Rx, Ry)`` scan - cheap, so callers can
+    refuse a wrong reference region *before* running a method. Returns the two slices.
+
+    A region reaching past the scan edge is clipped (numpy slicing); one that is empty or lies
+    wholly outside raises ``ValueError``.
+    """
+    rs, cs = _region_slices(region)
+    Rx, Ry = int(scan_shape[0]), int(scan_shape[1])
+    r0, r1, _ = rs.indices(Rx)
+    c0, c1, _ = cs.indices(Ry)
+    if r1 <= r0 or c1 <= c0:
+        raise ValueError(
+            f"reference region {format_region((rs, cs))} is empty or outside the "
+            f"{Rx}x{Ry} scan"
+        )
+    return rs, cs
+
+
 def reference_A(
     A: np.ndarray, region: tuple[slice, slice] | str, mask: np.ndarray | None = None
 ) -> np.ndarray:
@@ -170,15 +192,7 @@ def reference_A(
     Raises ``ValueError`` with a plain message when the region is empty, lies outside the scan
     or holds no fitted (finite, sample) position - the three ways a user can get it wrong.
     """
-    rs, cs = _region_slices(region)
-    Rx, Ry = A.shape[:2]
-    r0, r1, _ = rs.indices(Rx)
-    c0, c1, _ = cs.indices(Ry)
-    if r1 <= r0 or c1 <= c0:
-        raise ValueError(
-            f"reference region {format_region((rs, cs))} is empty or outside the "
-            f"{Rx}x{Ry} scan"
-        )
+    rs, cs = check_region(region, A.shape[:2])
     block = np.asarray(A[rs, cs], dtype=np.float64).reshape(-1, 2, 2)
     ok = np.all(np.isfinite(block), axis=(1, 2))
     if mask is not None:

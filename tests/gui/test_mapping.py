@@ -64,11 +64,20 @@ def test_run_both_methods_shows_maps_in_percent(setup, qtbot, wait_task, toy_met
     assert errors() == []
     # side by side: napari's grid, one row per method, only the maps shown
     w.grid.setChecked(True)
-    assert viewer.grid.enabled and tuple(viewer.grid.shape) == (2, 4)
+    grid = viewer.canvas.grid
+    assert grid.enabled and tuple(grid.shape) == (2, 4)
+    layers = list(viewer.layers)
+
+    def cell(method, comp):
+        return grid.position(layers.index(viewer.layers[map_layer_name(method, comp)]), layers)
+
+    assert {cell("ae", c)[0] for c in ("exx", "eyy", "exy", "theta")} == {cell("ae", "exx")[0]}
+    assert cell("ae", "exx")[0] != cell("py4dstem", "exx")[0]
+    print("grid cells", cell("ae", "exx"), cell("ae", "theta"), cell("py4dstem", "exx"))
     visible = [layer.name for layer in viewer.layers if layer.visible]
     assert len(visible) == 8 and all("(%)" in n or "(deg)" in n for n in visible)
     w.grid.setChecked(False)
-    assert not viewer.grid.enabled
+    assert not viewer.canvas.grid.enabled
     assert viewer.layers["reference region"].visible
 
 

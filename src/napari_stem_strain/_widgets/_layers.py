@@ -68,9 +68,10 @@ def display_values(m: MethodMaps, comp: str) -> np.ndarray:
     return np.asarray(getattr(m.maps, comp), np.float32) * MAP_UNITS[comp][1]
 
 
-def show_results(viewer: Any, results: dict[str, MethodMaps], scale: tuple[float, float],
-                 translate: tuple[float, float] = (0.0, 0.0)) -> list[Any]:
-    """Add or update one image layer per method and component.
+def show_results(viewer: Any, results: dict[str, MethodMaps],
+                 geometry: dict[str, Any] | None = None) -> list[Any]:
+    """Add or update one image layer per method and component (``geometry``: ``scale``,
+    ``translate``, ``units`` of the navigation image).
 
     Existing layers are updated in place (data and limits), so re-referencing keeps the
     user's layer order, visibility and zoom.
@@ -90,7 +91,7 @@ def show_results(viewer: Any, results: dict[str, MethodMaps], scale: tuple[float
                 layer.metadata = {**layer.metadata, **meta}
             else:
                 layer = viewer.add_image(data, name=name, colormap=strain_colormap(),
-                                         scale=scale, translate=translate, metadata=meta,
+                                         **(geometry or {}), metadata=meta,
                                          interpolation2d="nearest", visible=False)
                 created = True
             layer.contrast_limits_range = (-lim, lim)

@@ -117,6 +117,16 @@ class StrainSession:
             return (1.0, 1.0), (0.0, 0.0)
         return tuple(nav.scale[-2:]), tuple(nav.translate[-2:])  # type: ignore[return-value]
 
+    def layer_kwargs(self) -> dict[str, Any]:
+        """``scale``, ``translate`` and ``units`` for a new scan-space layer (napari warns
+        when layers of one canvas disagree on units)."""
+        scale, translate = self.geometry()
+        kw: dict[str, Any] = {"scale": scale, "translate": translate}
+        nav = self.nav_layer()
+        if nav is not None:
+            kw["units"] = tuple(nav.units[-2:])
+        return kw
+
     def _on_layer_inserted(self, event: Any) -> None:
         layer = event.value
         if _info(layer).get("role") == "navigation" and not self._busy:
@@ -161,10 +171,9 @@ class StrainSession:
             return layers[REFERENCE_LAYER]
         if not create:
             return None
-        scale, translate = self.geometry()
         layer = self.viewer.add_shapes(
-            name=REFERENCE_LAYER, scale=scale, translate=translate, edge_color="yellow",
-            face_color=[1, 1, 0, 0.08], edge_width=0.4, ndim=2,
+            name=REFERENCE_LAYER, **self.layer_kwargs(), edge_color="yellow",
+            face_color=[1, 1, 0, 0.05], edge_width=0.2, ndim=2,
         )
         layer.metadata[META_KEY] = {"role": "reference"}
         layer.events.data.connect(self._on_reference_edit)
@@ -179,10 +188,16 @@ class StrainSession:
         return self._add_mask_layer()
 
     def _add_mask_layer(self) -> Any:
-        scale, translate = self.geometry()
         shape = self.scan_shape or (1, 1)
+        from napari.utils.colormaps import DirectLabelColormap
+
+        # sample: a very faint green wash; background: clearly blue; unpainted: transparent
+        cmap = DirectLabelColormap(color_dict={
+            None: [0, 0, 0, 0], 0: [0, 0, 0, 0], SAMPLE: [0.3, 0.9, 0.3, 0.06],
+            BACKGROUND: [0.15, 0.45, 1.0, 0.75]})
         layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=MASK_LAYER,
-                                       scale=scale, translate=translate, opacity=0.25)
+                                       **self.layer_kwargs(), opacity=0.6,
+                                       colormap=cmap)
         layer.metadata[META_KEY] = {"role": "mask"}
         layer.selected_label = BACKGROUND
         # paint fires before a stroke's pixels land, labels_update after; data: replaced
@@ -200,7 +215,8 @@ class StrainSession:
         if MASK_LAYER in layers:
             old = layers[MASK_LAYER]
             if old.data.shape == self.scan_shape:
-                old.scale, old.translate = self.geometry()
+                kw = self.layer_kwargs()
+                old.scale, old.translate = kw["scale"], kw["translate"]
                 return
             layers.remove(old)
         self._add_mask_layer()
@@ -318,8 +334,7 @@ class StrainSession:
             return
         self._last_error = None
         self.results = shown
-        scale, translate = self.geometry()
-        show_results(self.viewer, shown, scale, translate)
+        show_results(self.viewer, shown, self.layer_kwargs())
         self.results_changed.emit()
 
     # ----------------------------------------------------------------- probe

@@ -57,6 +57,12 @@ def _probe_devices() -> tuple[list[str], str]:
     return have, "torch sees no CUDA GPU: CC-ST-AE runs on the CPU"
 
 
+def _grid(viewer: Any) -> Any:
+    """napari's grid settings (``viewer.canvas.grid`` since 0.9, ``viewer.grid`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
 class MappingWidget(QWidget):
     """Run CC-ST-AE and/or py4DSTEM on the current dataset and compare the maps."""
 
@@ -283,6 +289,11 @@ class MappingWidget(QWidget):
         fig = self.hist_figure
         fig.clear()
         results = self.session.results
+        if not results:
+            fig.text(0.5, 0.5, "histograms of the maps appear here after a run",
+                     ha="center", va="center", color="#b0b0b0", fontsize=9)
+            self.hist_canvas.draw_idle()
+            return
         axes = fig.subplots(2, 2)
         for ax, comp in zip(axes.ravel(), MAP_NAMES, strict=True):
             ax.set_facecolor("#262930")
@@ -302,8 +313,7 @@ class MappingWidget(QWidget):
                 if f.size:
                     ax.hist(np.clip(f, -lim, lim), bins=bins, histtype="step", linewidth=1.4,
                             color=method_colour(name), label=method_label(name))
-        if results:
-            axes[0, 0].legend(fontsize=7, framealpha=0.5)
+        axes[0, 0].legend(fontsize=7, framealpha=0.5)
         fig.tight_layout(pad=0.6)
         self.hist_canvas.draw_idle()
 
@@ -342,10 +352,11 @@ class MappingWidget(QWidget):
             for layer in maps:
                 layer.visible = True
             n_methods = len({(layer.metadata[META_KEY]["method"]) for layer in maps})
-            viewer.grid.shape = (n_methods, len(MAP_NAMES))
-            viewer.grid.enabled = True
+            grid = _grid(viewer)
+            grid.shape = (n_methods, len(MAP_NAMES))
+            grid.enabled = True
         else:
-            viewer.grid.enabled = False
+            _grid(viewer).enabled = False
             for layer in self._hidden_for_grid:
                 if layer in viewer.layers:
                     layer.visible = True

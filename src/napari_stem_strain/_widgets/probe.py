@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 
 from .. import overlay
 from ._layers import META_KEY, method_colour, method_label
-from ._session import SAMPLE, get_session
+from ._session import get_session
 
 __all__ = ["ProbeInspector", "PROBE_LAYER"]
 
@@ -66,9 +66,11 @@ class ProbeInspector(QWidget):
         top = QHBoxLayout()
         top.addWidget(QLabel("display"))
         top.addWidget(self.scale)
-        top.addWidget(self.show_overlay)
-        top.addWidget(self.armed)
         top.addStretch(1)
+        top2 = QHBoxLayout()
+        top2.addWidget(self.show_overlay)
+        top2.addWidget(self.armed)
+        top2.addStretch(1)
 
         self.figure = Figure(figsize=(3.6, 3.6), facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.figure)
@@ -84,6 +86,7 @@ class ProbeInspector(QWidget):
 
         lay = QVBoxLayout(self)
         lay.addLayout(top)
+        lay.addLayout(top2)
         lay.addWidget(self.canvas, 1)
         lay.addWidget(self.numbers)
 
@@ -92,7 +95,7 @@ class ProbeInspector(QWidget):
         self.session.reference_changed.connect(lambda _r: self.update_view())
         self.session.dataset_changed.connect(self._on_dataset)
         self.viewer.mouse_drag_callbacks.append(self._mouse_drag)
-        self.viewer.layers.events.inserted.connect(lambda _e: self._set_pan(self.armed.isChecked()))
+        self.viewer.layers.events.inserted.connect(self._on_inserted)
         self._set_pan(True)
         if self.session.dataset is not None:
             self._on_dataset()
@@ -102,6 +105,18 @@ class ProbeInspector(QWidget):
         info = (getattr(layer, "metadata", None) or {}).get(META_KEY, {})
         return layer is not None and layer._type_string == "image" and info.get("role") in {
             "navigation", "map", "virtual"}
+
+    def _alive(self) -> bool:
+        """False once Qt deleted this dock (its Python callbacks may still be registered)."""
+        try:
+            self.armed.isChecked()
+            return True
+        except RuntimeError:
+            return False
+
+    def _on_inserted(self, _event: Any = None) -> None:
+        if self._alive():
+            self._set_pan(self.armed.isChecked())
 
     def _set_pan(self, armed: bool) -> None:
         """While picking, dragging over our scan images moves the probe instead of panning."""
@@ -122,6 +137,10 @@ class ProbeInspector(QWidget):
         self.session.set_probe(r, c)
 
     def _mouse_drag(self, viewer: Any, event: Any):
+        if not self._alive():
+            if self._mouse_drag in viewer.mouse_drag_callbacks:
+                viewer.mouse_drag_callbacks.remove(self._mouse_drag)
+            return
         if not self.armed.isChecked() or not self._is_scan_image(viewer.layers.selection.active):
             return
         self.pick(event.position)
@@ -144,17 +163,17 @@ class ProbeInspector(QWidget):
         self.update_view()
 
     def _mark(self, row: int, col: int) -> None:
-        scale, translate = self.session.geometry()
+        kw = self.session.layer_kwargs()
         layers = self.viewer.layers
         if PROBE_LAYER in layers:
             layers[PROBE_LAYER].data = [[row, col]]
-            layers[PROBE_LAYER].scale = scale
-            layers[PROBE_LAYER].translate = translate
+            layers[PROBE_LAYER].scale = kw["scale"]
+            layers[PROBE_LAYER].translate = kw["translate"]
             return
         active = layers.selection.active
         pts = self.viewer.add_points(
             [[row, col]], name=PROBE_LAYER, symbol="cross", size=1.6, face_color="yellow",
-            border_color="black", border_width=0.1, scale=scale, translate=translate)
+            border_color="black", border_width=0.1, **kw)
         pts.metadata[META_KEY] = {"role": "probe"}
         if active is not None:  # keep the user's layer selected (picking keeps working)
             layers.selection.active = active
@@ -258,7 +277,3 @@ class ProbeInspector(QWidget):
         if mask is not None and not self.session.results:
             lines.append("run a method (Strain mapping) to see its predicted disks")
         return "<br>".join(lines)
-
-    def is_sample(self, r: int, c: int) -> bool:
-        layer = self.session.mask_layer(create=False)
-        return layer is not None and int(layer.data[r, c]) == SAMPLE

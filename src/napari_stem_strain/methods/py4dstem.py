@@ -234,30 +234,42 @@ class Py4DSTEMMethod(BlockMethod):
         )
 
     def _with_basis(self, st: _Derived, dataset: Any, pats: np.ndarray) -> _Derived:
-        """Find the basis (reference region's aligned mean, else the best sampled pattern) and
-        return the settings that depend on it."""
+        """Find the basis and return the settings that depend on it.
+
+        With a reference region: the lattice of its descan-aligned mean pattern. Without one:
+        the lattices of up to 64 sampled patterns; their median cell shape (length ratio and
+        angle - grain strains average out) decides the symmetry, and the basis is the
+        best-indexed pattern's among those closest to that median shape."""
         tol = max(1.0, 0.5 * st.radius)
         centre = np.asarray(st.centre)
+        sym = None
         if self.reference is not None:
             ref = _read_region(dataset, self.reference, 400)
             c = np.array([beam_centre_radius(p)[:2] for p in ref])
             g1, g2, _ = _basis_from(aligned_mean(ref, c, centre), st, tol)
         else:
-            best = None
+            found = []
             for p in pats[:64]:
                 try:
-                    g = _basis_from(p, st, tol, subpixel="poly")
+                    found.append(_basis_from(p, st, tol, subpixel="poly"))
                 except ValueError:
                     continue
-                if best is None or g[2] > best[2]:
-                    best = g
-            if best is None:
+            if not found:
                 raise ValueError("no sampled pattern shows a lattice of Bragg disks")
-            g1, g2 = best[0], best[1]
+            shape = np.array([_cell_shape(g1, g2) for g1, g2, _ in found])
+            med = np.median(shape, axis=0)
+            dev = np.abs(shape - med).sum(axis=1)
+            n = np.array([f[2] for f in found])
+            score = np.where(dev <= np.quantile(dev, 0.5), n, -1)
+            g1, g2, _ = found[int(np.argmax(score))]
+            sym = _symmetry_from_shape(*med)
         basis = np.stack([g1, g2], axis=1)
         bmin = float(min(np.linalg.norm(g1), np.linalg.norm(g2)))
         tol = float(self.opts["tolerance"] or 0.2 * bmin)
-        return self._state_for(st.kernel, centre, st.radius, basis, tol, st.probe_source)
+        out = self._state_for(st.kernel, centre, st.radius, basis, tol, st.probe_source)
+        if sym is not None:
+            out.symmetry_deg = sym
+        return out
 
     def _acceptance(self, pats: np.ndarray, st: _Derived) -> tuple[int, float]:
         """How many indexed disks and how loose a fit a crystal position of *this* dataset
@@ -362,6 +374,18 @@ def _synthetic_disk(
     xx, yy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     r = np.hypot(xx - centre[0], yy - centre[1]) - radius
     return 1.0 / (1.0 + np.exp(4.0 * r / width))
+
+
+def _cell_shape(g1: np.ndarray, g2: np.ndarray) -> tuple[float, float]:
+    """``(|long| / |short|, |cos angle|)`` of a cell: its shape, blind to rotation and size."""
+    n1, n2 = np.linalg.norm(g1), np.linalg.norm(g2)
+    return float(max(n1, n2) / min(n1, n2)), float(abs(g1 @ g2) / (n1 * n2))
+
+
+def _symmetry_from_shape(ratio: float, cos_angle: float) -> float:
+    """Symmetry period of a cell shape (as :func:`strain.lattice_symmetry` would judge it)."""
+    return lattice_symmetry(np.array([1.0, 0.0]),
+                            ratio * np.array([cos_angle, np.sqrt(max(0.0, 1 - cos_angle**2))]))
 
 
 def _kernel(probe: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:

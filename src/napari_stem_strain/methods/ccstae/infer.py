@@ -31,6 +31,8 @@ __all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_pa
 #: Number of base-lattice disks (beam included) the refinement uses: more is more precise,
 #: fewer is faster; 19 = the direct beam and the first three rings of a hexagonal lattice.
 N_DISKS = 19
+#: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
+MIN_DISKS = 3
 
 
 def sample_patterns(dataset: Any, max_patterns: int = 384, reference: str | None = None
@@ -73,7 +75,7 @@ class Engine:
         # second pass: centres re-measured by matching the first template (a centre-of-mass
         # error blurs the averaged beam, and a blurred template under-estimates every shift)
         eye = torch.eye(2).expand(len(pats), 2, 2)
-        _, centres, _ = refine(pats, centres, eye, torch.zeros(1, 2), geom.L, tpl, steps=3)
+        _, centres, _, _ = refine(pats, centres, eye, torch.zeros(1, 2), geom.L, tpl, steps=3)
         tpl = make_template(pats, centres, geom.r)
         h = float(tpl.offsets.abs().max())
         Q0, Q1 = geom.pattern_shape
@@ -110,15 +112,41 @@ class Engine:
                 self.geom = DataGeometry(g.c0, g.r, g.L * scale, g.pattern_shape)
 
     @torch.inference_mode()
-    def run(self, block: np.ndarray | torch.Tensor, init: str = "encoder"
+    def run(self, block: np.ndarray | torch.Tensor, init: str = "encoder", offset: int = 0
             ) -> dict[str, torch.Tensor]:
         """``A`` (B,2,2) raw, sample probability, disks fitted and beam centre of a batch.
 
         ``init="encoder"`` starts from the encoder (mapping); ``init="search"`` from an
         exhaustive angular search over one symmetry period (self-training targets, robust for a
         new material whose encoder is not trained yet).
+
+        Work is done in chunks of exactly :attr:`chunk` patterns, aligned to the pattern's
+        index ``offset + i`` in the scan (padded at both ends): math libraries pick kernels by
+        shape and by a row's place in a matrix, so a pattern always sitting at the same place
+        of a same-shaped chunk makes its result independent of how the scan was cut into
+        blocks and batches - bit for bit.
         """
         pats = as_patterns(block, self.device)
+        n = len(pats)
+        chunk = self.chunk
+        lead = offset % chunk
+        if lead:
+            pats = torch.cat([pats[:1].expand(lead, -1, -1), pats])
+        outs = []
+        for i in range(0, len(pats), chunk):
+            part = pats[i:i + chunk]
+            m = len(part)
+            if m < chunk:
+                part = torch.cat([part, part[:1].expand(chunk - m, -1, -1)])
+            o = self._run(part, init)
+            outs.append({k: v[:m] for k, v in o.items()})
+        return {k: torch.cat([o[k] for o in outs])[lead:lead + n] for k in outs[0]}
+
+    @property
+    def chunk(self) -> int:
+        return 1024 if self.device == "cuda" else 64
+
+    def _run(self, pats: torch.Tensor, init: str) -> dict[str, torch.Tensor]:
         g = self.geom
         c = beam_centres(pats, g.c0, g.r)
         net = self.model.net
@@ -131,8 +159,8 @@ class Engine:
             A0 = angular_search(pats, c, A0, self.P, g.L, 1.5, 0.5, g.r)
         elif self.polish_deg > 0:
             A0 = angular_search(pats, c, A0, self.P, g.L, self.polish_deg, 2.0, g.r)
-        A, t, n_ok = refine(pats, c, A0, self.P, g.L, self.tpl, steps=self.refine_steps)
-        return {"A": A, "prob": prob, "n_disks": n_ok, "centre": t, "x": x}
+        A, t, n_ok, rms = refine(pats, c, A0, self.P, g.L, self.tpl, steps=self.refine_steps)
+        return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x}
 
 
 class CCSTAEMethod(BlockMethod):
@@ -170,10 +198,16 @@ class CCSTAEMethod(BlockMethod):
         sample = sample_patterns(dataset, reference=self.reference)
         self.engine = Engine.build(self.model, sample, self.device, self.refine_steps)
         check_stop(should_stop)
-        out = self.engine.run(sample[:256])
-        crystal = out["prob"] > 0.5
+        # does the model's lattice describe the data? Exhaustive search (independent of the
+        # encoder): patterns where at least two base disks light up are diffracting; most of
+        # them must then match many disks, consistently
+        idx = np.linspace(0, len(sample) - 1, min(256, len(sample))).round().astype(int)
+        out = self.engine.run(sample[idx], init="search")
+        crystal = out["n_disks"] >= 2
         if int(crystal.sum()) >= 8:
-            frac = float((out["n_disks"][crystal] >= 3).float().mean())
+            # a lattice that is not the base's pulls disks in inconsistent directions
+            fits = (out["n_disks"] >= MIN_DISKS) & (out["rms"] < 0.5)
+            frac = float(fits[crystal].float().mean())
             if frac < 0.5:
                 raise ValueError(
                     f"the model ({self.model.lattice_kind} lattice, {self.model.source}) does not "
@@ -190,14 +224,16 @@ class CCSTAEMethod(BlockMethod):
         prob = np.zeros(n * Ry, np.float32)
         ok = np.zeros(n * Ry, bool)
         for i in range(0, n * Ry, self.batch_size):
-            out = self.engine.run(flat[i:i + self.batch_size])
+            out = self.engine.run(flat[i:i + self.batch_size], offset=r0 * Ry + i)
             A[i:i + self.batch_size] = out["A"].cpu().numpy()
             prob[i:i + self.batch_size] = out["prob"].cpu().numpy()
-            ok[i:i + self.batch_size] = (out["n_disks"] >= 2).cpu().numpy()
+            ok[i:i + self.batch_size] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
         if self.sample_mask is not None:
             sample = self.sample_mask[r0:r0 + n].reshape(-1)
         else:
-            sample = prob > 0.5
+            # crystal = the classifier says so AND the lattice was found: a pattern in which
+            # not even MIN_DISKS disks stand out of the noise holds no measurable lattice
+            sample = (prob > 0.5) & ok
         A[~(sample & ok)] = np.nan
         if self.prob is not None and self.prob.shape[1] == Ry:
             self.prob[r0:r0 + n] = prob.reshape(n, Ry)

@@ -85,7 +85,12 @@ def ccstae_loss(
             total = total + w_target * sup
             parts["target"] = sup.item()
     if target_sample is not None:
-        cls = F.binary_cross_entropy_with_logits(out["logit"], target_sample.float())
+        # class-balanced: a scan is often mostly crystal, and a classifier that just learns the
+        # prior would call every vacuum position crystal
+        t = target_sample.float()
+        frac = t.mean().clamp(0.05, 0.95)
+        wts = torch.where(t > 0.5, 0.5 / frac, 0.5 / (1 - frac))
+        cls = F.binary_cross_entropy_with_logits(out["logit"], t, weight=wts)
         total = total + w_target * cls
         parts["class"] = cls.item()
     parts["loss"] = total.item()

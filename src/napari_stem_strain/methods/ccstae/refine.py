@@ -139,11 +139,12 @@ def angular_search(
 def refine(
     pats: torch.Tensor, t: torch.Tensor, A: torch.Tensor, P: torch.Tensor, L: float,
     tpl: DiskTemplate, steps: int = 4, min_snr: float = 4.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gauss-Newton refinement of ``A`` (B,2,2, lattice units) and beam position ``t`` (B,2 px).
 
-    Returns ``(A, t, n_disks)``: ``n_disks`` counts the diffracted disks (beam excluded) that
-    were significant in the last step - a fit with fewer than two is not a lattice fit.
+    Returns ``(A, t, n_disks, rms)``: ``n_disks`` counts the diffracted disks (beam excluded)
+    that were significant in the last step; ``rms`` (px) is the weighted scatter of the disk
+    shifts around the affine fit - large when the data's lattice is not the base's.
     """
     B = A.shape[0]
     Q0, Q1 = pats.shape[-2:]
@@ -184,7 +185,10 @@ def refine(
         sol = torch.linalg.solve(M.double() + ridge.double(), rhs.double()).float()
         A = A + sol[:, :2, :].transpose(1, 2) / L
         t = t + sol[:, 2, :]
-    return A, t, n_ok
+        # weighted rms (px) of what the affine update leaves unexplained
+        res = d - X[None] @ sol
+        rms = torch.sqrt((w * (res ** 2).sum(-1)).sum(1) / w.sum(1).clamp_min(1e-30))
+    return A, t, n_ok, rms
 
 
 def fit_lattice(points: np.ndarray, weights: np.ndarray | None = None

@@ -38,7 +38,7 @@ __all__ = ["fit_model", "train_default", "collect_training_set", "train_model",
            "DEFAULT_EPOCHS"]
 
 DEFAULT_EPOCHS = 30
-MAX_TRAIN = 2048
+MAX_TRAIN = 1024
 
 
 def lattice_from_pattern(pattern: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -362,7 +362,7 @@ DEFAULT_RECIPE = ((101, 0.0, 4.0), (102, 0.25, 4.0), (103, 0.5, 3.5), (104, 0.7,
 
 
 def train_default(
-    out: str | Path, seed: int = 0, epochs: int = 25, scan: int = 24,
+    out: str | Path, seed: int = 0, epochs: int = 20, scan: int = 20,
     progress: ProgressCallback | None = None, should_stop: StopCallback | None = None,
 ) -> Path:
     """Rebuild the shipped weights from simulator data (deterministic for ``seed``).
