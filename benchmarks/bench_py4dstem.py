@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     write_section,
 )
 
+from napari_stem_strain.io.ground_truth import read_ground_truth  # noqa: E402
 from napari_stem_strain.methods.py4dstem import Py4DSTEMMethod  # noqa: E402
 
 
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     for w in args.noise:
         path = get_benchmark_file(w, dose=args.dose, scan=args.scan, pattern=args.pattern,
                                   lattice=args.lattice, seed=args.seed)
-        sc = run_scored(Py4DSTEMMethod(subpixel=args.subpixel), path)
+        # the basis comes from the same reference region the maps are normalised to
+        reference = read_ground_truth(path).reference
+        sc = run_scored(Py4DSTEMMethod(reference=reference, subpixel=args.subpixel), path)
         t = sc.table
         vac_ok = float(np.mean(sc.result.sample == sc.truth.sample))
         row = [f"{w:g}", f"{1e3 * t['exx']:.2f}", f"{1e3 * t['eyy']:.2f}",

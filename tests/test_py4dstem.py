@@ -138,6 +138,11 @@ def test_user_sample_mask_overrides(scan: dict) -> None:
         run_py4dstem(Dataset(scan["data"]), reference=REF, sample_mask=np.ones((3, 3), bool))
 
 
+def test_reference_on_vacuum_is_a_plain_error(scan: dict) -> None:
+    with pytest.raises(ValueError, match="reference region 0:10,14:16"):
+        run_py4dstem(Dataset(scan["data"]), reference="0:10,14:16")
+
+
 def test_progress_reported(scan: dict) -> None:
     calls = scan["calls"]
     done = [d for d, _, _ in calls]
@@ -153,6 +158,19 @@ def test_blocks_are_independent(scan: dict) -> None:
     one = run_method(m, Dataset(data), prepared=True)
     many = run_method(m, Dataset(data), prepared=True, block_bytes=1)
     np.testing.assert_array_equal(one.A, many.A)
+    # the prepared method is self-contained: a pickled copy (a dask worker's) gives the same
+    import pickle
+
+    A, s = pickle.loads(pickle.dumps(m)).process_block(data[1:2], 1)
+    np.testing.assert_array_equal(A, one.A[1:2])
+    np.testing.assert_array_equal(s, one.sample[1:2])
+
+
+def test_no_figures_left_open(scan: dict) -> None:
+    import sys
+
+    plt = sys.modules.get("matplotlib.pyplot")
+    assert plt is None or plt.get_fignums() == []
 
 
 def test_cancel_raises(scan: dict) -> None:

@@ -120,14 +120,32 @@ def _units_ok(units: str | None) -> bool:
         return False
 
 
-def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None
-                   ) -> list[LayerData]:
+#: Datasets larger than this compute their virtual images in a background worker: the viewer
+#: opens at once with blank images that fill in when the streamed pass is done.
+BACKGROUND_BYTES = 512 * 2**20
+
+
+def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None,
+                   background: bool | None = None) -> list[LayerData]:
     """Layer data of an opened dataset: annular dark field, then bright field on top (the
     navigation image, carrying the dataset). Layers are named after the file (``label``
-    overrides), plus the array's name when the user chose one of several."""
+    overrides), plus the array's name when the user chose one of several.
+
+    ``background`` (default: larger than :data:`BACKGROUND_BYTES`) returns blank images at once
+    and streams the virtual images in a worker with a progress bar and Cancel.
+    """
+    import numpy as np
+
     from .virtual import virtual_images
 
-    vi = virtual_images(ds)
+    if background is None:
+        background = ds.nbytes > BACKGROUND_BYTES
+    if background:
+        vi = None
+        bf_data = df_data = np.zeros(ds.scan_shape, np.float32)
+    else:
+        vi = virtual_images(ds)
+        bf_data, df_data = vi.bright_field, vi.dark_field
     cal = ds.calibration
     step = float(cal.r_pixel_size) if cal.r_pixel_size else 1.0
     common: dict[str, Any] = {"scale": (step, step)}
@@ -139,13 +157,55 @@ def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None
             label = f"{label} {ds.name.rstrip('/').split('/')[-1] or ds.name}"
     info = {"role": "navigation", "dataset": ds, "virtual": vi, "ground_truth": ground_truth,
             "source": str(ds.source or "")}
-    adf = (vi.dark_field, {**common, "name": f"{label} ADF", "colormap": "gray",
-                           "visible": False,
-                           "metadata": {"stem_strain": {"role": "virtual", "kind": "ADF"}}},
+    adf = (df_data, {**common, "name": f"{label} ADF", "colormap": "gray", "visible": False,
+                     "metadata": {"stem_strain": {"role": "virtual", "kind": "ADF",
+                                                  "dataset": ds}}},
            "image")
-    bf = (vi.bright_field, {**common, "name": f"{label} BF", "colormap": "gray",
-                           "metadata": {"stem_strain": info}}, "image")
+    bf = (bf_data, {**common, "name": f"{label} BF", "colormap": "gray",
+                    "metadata": {"stem_strain": info}}, "image")
+    if background:
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, lambda: _virtual_in_background(ds))
     return [adf, bf]
+
+
+def _virtual_in_background(ds: Any) -> Any:
+    """Stream the virtual images of ``ds`` in a worker; fill the layers when done."""
+    from ._widgets._workers import Task
+    from .virtual import virtual_images
+
+    def job(progress: Any, should_stop: Any) -> Any:
+        return virtual_images(ds, progress=progress, should_stop=should_stop)
+
+    return Task(job, "Virtual images", on_done=lambda vi: _fill_virtual(ds, vi),
+                error_prefix=f"{ds.source}: virtual images failed: ")
+
+
+def _fill_virtual(ds: Any, vi: Any) -> None:
+    """Put finished virtual images into every layer of ``ds`` and refresh the mask/reference."""
+    import napari
+
+    from ._widgets._session import _SESSIONS
+
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return
+    for layer in viewer.layers:
+        info = layer.metadata.get("stem_strain") or {}
+        if info.get("dataset") is not ds:
+            continue
+        if info.get("role") == "navigation":
+            info["virtual"] = vi
+            layer.data = vi.bright_field
+            layer.reset_contrast_limits()
+        elif info.get("kind") == "ADF":
+            layer.data = vi.dark_field
+            layer.reset_contrast_limits()
+    session = _SESSIONS.get(viewer)
+    if session is not None and session.dataset is ds:
+        session.fill_mask("virtual")
+        session.set_reference_region(session.default_region())
 
 
 def read_4dstem(path: str | list[str]) -> list[LayerData]:

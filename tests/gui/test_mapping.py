@@ -37,6 +37,8 @@ def test_run_both_methods_shows_maps_in_percent(setup, qtbot, wait_task, toy_met
     assert not w.run_button.isEnabled() and w.cancel_button.isEnabled()
     wait_task(task)
     assert task.status == "done", errors()
+    # the progress bar counted every position of both methods
+    assert task.pbar.total == 2 * 144 and task.pbar.n == 2 * 144
     assert [m for m, _ in toy_methods["made"]] == ["ae", "py4dstem"]
     assert toy_methods["made"][0][1]["reference"] == region
     assert set(session.results) == {"ae", "py4dstem"}
@@ -119,7 +121,7 @@ def test_method_error_is_a_notification(setup, qtbot, wait_task, toy_methods,
 
 
 def test_without_data_explains_and_devices_show_what_is_present(make_napari_viewer, qtbot,
-                                                                 errors):
+                                                                 errors, open_scan, tiny_sim):
     from napari_stem_strain.device import available_devices
 
     viewer = make_napari_viewer()
@@ -135,3 +137,51 @@ def test_without_data_explains_and_devices_show_what_is_present(make_napari_view
     cuda_enabled = w.device.model().item(2).isEnabled()
     assert cuda_enabled == ("cuda" in available_devices())
     assert ("CUDA" in w.device_info.text())
+    # docks opened before the data: opening a file then brings rectangle and mask
+    open_scan(viewer, tiny_sim)
+    session = get_session(viewer)
+    assert session.reference_region() == session.ground_truth.reference
+    assert session.sample_mask() is not None and session.sample_mask().sum() > 100
+
+
+def test_model_choices_reach_the_pipeline(setup, wait_task, toy_methods, monkeypatch, tmp_path,
+                                          errors):
+    from napari_stem_strain.methods import ccstae
+
+    viewer, w = setup()
+    session = get_session(viewer)
+    # a model file that does not exist is refused before anything runs
+    w.model.setCurrentText("model file...")
+    assert w.model_path.isVisibleTo(w) and not w.epochs.isVisibleTo(w)
+    w.model_path.setText(str(tmp_path / "missing.pt"))
+    assert w.run() is None
+    assert "does not exist" in errors()[-1]
+    # an existing file is handed to the pipeline as the CC-ST-AE model
+    model_file = tmp_path / "fitted.pt"
+    model_file.write_bytes(b"x")
+    w.model_path.setText(str(model_file))
+    w.use_py4dstem.setChecked(False)
+    wait_task(w.run())
+    assert toy_methods["made"][-1] == ("ae", toy_methods["made"][-1][1])
+    assert toy_methods["made"][-1][1]["model"] == str(model_file)
+    # "fit on this dataset now": fit first (same reference, device, epochs), then map with it
+    fits = []
+
+    def fake_fit(dataset, init="default", epochs=None, seed=0, out="model.pt", progress=None,
+                 should_stop=None, reference=None, device="auto", **kw):
+        fits.append(dict(dataset=dataset, epochs=epochs, out=out, reference=reference,
+                         device=device))
+        progress(1, 2, "epoch 1")
+        return out
+
+    monkeypatch.setattr(ccstae, "fit_model", fake_fit)
+    w.model.setCurrentText("fit on this dataset now")
+    assert w.epochs.isVisibleTo(w)
+    w.epochs.setValue(3)
+    task = w.run()
+    wait_task(task)
+    assert task.status == "done", errors()
+    assert len(fits) == 1 and fits[0]["epochs"] == 3
+    assert fits[0]["dataset"] is session.dataset
+    assert fits[0]["reference"] == session.reference_region()
+    assert toy_methods["made"][-1][1]["model"] == fits[0]["out"]

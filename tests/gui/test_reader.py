@@ -115,3 +115,34 @@ def test_simulated_file_carries_ground_truth(make_napari_viewer, tiny_sim):
     info = _nav(viewer).metadata["stem_strain"]
     assert info["ground_truth"] is not None
     assert info["ground_truth"].exx.shape == (12, 12)
+
+
+def test_large_file_streams_virtual_images_in_the_background(make_napari_viewer, tiny_sim,
+                                                            monkeypatch, wait_task, qtbot):
+    from napari_stem_strain._widgets._session import get_session
+    from napari_stem_strain.virtual import virtual_images
+
+    monkeypatch.setattr(_reader, "BACKGROUND_BYTES", 0)  # every file counts as large
+    started = []
+    real = _reader._virtual_in_background
+
+    def record(ds):
+        started.append(real(ds))
+        return started[-1]
+
+    monkeypatch.setattr(_reader, "_virtual_in_background", record)
+    viewer = make_napari_viewer()
+    session = get_session(viewer)
+    viewer.open(str(tiny_sim), plugin=PLUGIN)
+    nav = _nav(viewer)
+    if not started:  # the worker starts from the event loop, after the reader returned
+        assert not nav.data.any()  # blank at first: the viewer did not wait
+    qtbot.waitUntil(lambda: len(started) == 1, timeout=10_000)
+    wait_task(started[0])
+    assert started[0].status == "done"
+    ds = nav.metadata["stem_strain"]["dataset"]
+    np.testing.assert_allclose(nav.data, virtual_images(ds).bright_field, rtol=1e-5)
+    # the mask is refilled from the real virtual images: the vacuum columns are background
+    mask = session.sample_mask()
+    gt = nav.metadata["stem_strain"]["ground_truth"]
+    assert (mask == gt.sample).mean() > 0.97

@@ -111,6 +111,28 @@ def _click(viewer, world):
                      Qt.KeyboardModifier.NoModifier, QPoint(int(round(x)), int(round(y))))
 
 
+def _drag(viewer, world_from, world_to):
+    """A real press - move - release drag on the vispy canvas."""
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtTest import QTest
+
+    canvas = viewer.window._qt_viewer.canvas
+    native = canvas._scene_canvas.native
+
+    def px(w):
+        x, y = canvas.view.scene.transform.map([w[1], w[0], 0, 1])[:2]
+        return QPoint(int(round(x)), int(round(y)))
+
+    left, none = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    QTest.mousePress(native, left, none, px(world_from))
+    for f in (0.5, 1.0):  # napari throttles move events: let each one land
+        QTest.qWait(60)
+        QTest.mouseMove(native, px(np.asarray(world_from) + f * np.subtract(world_to,
+                                                                          world_from)))
+    QTest.qWait(60)
+    QTest.mouseRelease(native, left, none, px(world_to))
+
+
 def test_probe_click_overlays_A_applied_to_reference_lattice(mapped):
     viewer, docks = mapped
     probe = docks["probe"]
@@ -134,6 +156,12 @@ def test_probe_click_overlays_A_applied_to_reference_lattice(mapped):
     drawn = probe.ax.collections[0].get_offsets()
     np.testing.assert_allclose(np.asarray(drawn)[:, ::-1], probe.overlay["ae"])
     assert "CC-ST-AE" in probe.numbers.text() and "exx" in probe.numbers.text()
+    # dragging over the image moves the probe along and does not pan the camera
+    centre_before = tuple(viewer.camera.center)
+    _drag(viewer, nav.data_to_world((2, 2)), nav.data_to_world((4, 9)))
+    assert session.probe == (4, 9)
+    assert tuple(viewer.camera.center) == centre_before
+    _click(viewer, nav.data_to_world((5, 7)))
     # a click while the rectangle's layer is active edits shapes, not the probe
     viewer.layers.selection.active = viewer.layers[REFERENCE_LAYER]
     _click(viewer, nav.data_to_world((1, 1)))

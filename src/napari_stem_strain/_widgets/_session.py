@@ -191,10 +191,11 @@ class StrainSession:
         shape = self.scan_shape or (1, 1)
         from napari.utils.colormaps import DirectLabelColormap
 
-        # sample: a very faint green wash; background: clearly blue; unpainted: transparent
+        # background: green (no colour of the red-blue strain maps, whose blank NaN pixels
+        # show it through); sample and unpainted: transparent
         cmap = DirectLabelColormap(color_dict={
-            None: [0, 0, 0, 0], 0: [0, 0, 0, 0], SAMPLE: [0.3, 0.9, 0.3, 0.06],
-            BACKGROUND: [0.15, 0.45, 1.0, 0.75]})
+            None: [0, 0, 0, 0], 0: [0, 0, 0, 0], SAMPLE: [0, 0, 0, 0],
+            BACKGROUND: [0.1, 0.75, 0.35, 0.8]})
         layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=MASK_LAYER,
                                        **self.layer_kwargs(), opacity=0.6,
                                        colormap=cmap)

@@ -115,10 +115,11 @@ class Task:
             return
         if total > 0 and self.pbar.total != total:
             self.pbar.total = total
-        self.pbar.n = min(done, total) if total > 0 else done
+        target = min(done, total) if total > 0 else done
         if message:
             self.pbar.set_description(f"{self.description}: {message}")
-        self.pbar.refresh()
+        # update() emits the value event the activity dock listens to (setting n does not)
+        self.pbar.update(target - self.pbar.n)
 
     def _on_returned(self, result: Any) -> None:
         if self.should_stop():

@@ -253,7 +253,8 @@ class MappingWidget(QWidget):
 
                 out = Path(tempfile.mkdtemp(prefix="stem-strain-fit-")) / "model.pt"
                 fitted = fit_model(ds, init="default", epochs=fit_epochs, seed=0, out=out,
-                                   progress=progress, should_stop=should_stop)
+                                   progress=progress, should_stop=should_stop,
+                                   reference=region, device=device)
                 use_model = fitted if fitted is not None else out
             return run_methods(ds, methods, reference=region, model=use_model, device=device,
                                progress=progress, should_stop=should_stop)

@@ -36,5 +36,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"output folder {Path(out).parent} does not exist")
     with ProgressBar("train-default", quiet=args.quiet, unit="epoch") as bar:
         path = train_default(out, seed=args.seed, epochs=args.epochs, progress=bar)
-    print(f"wrote {path}")
+    import json
+
+    from ..methods.ccstae import load_model
+
+    side = Path(path).with_suffix(".json")
+    side.write_text(json.dumps(load_model(path).to_dict()["training"], indent=1) + "\n")
+    print(f"wrote {path} and {side.name}")
     return 0

@@ -22,7 +22,9 @@ rotation) and least-squares fits ``origin + h g1 + k g2``. The raw ``A`` solves
 
 from __future__ import annotations
 
-import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,19 +65,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _mpl_quiet() -> None:
-    """py4DSTEM draws with matplotlib in some calls: make sure nothing can pop up a window.
+@contextmanager
+def _no_new_figures() -> Iterator[None]:
+    """Close any matplotlib figure py4DSTEM opens while we run.
 
-    Only when no backend was chosen yet (napari/Qt users keep theirs); every call here passes
-    plot=False anyway."""
-    if "MPLBACKEND" not in os.environ:
-        import matplotlib
-
-        if matplotlib.get_backend().lower() not in {"agg", "qtagg", "module://matplotlib_inline.backend_inline"}:
-            try:
-                matplotlib.use("Agg")
-            except Exception:  # noqa: BLE001 - a backend already in use is fine
-                pass
+    Every py4DSTEM call here is one that does not draw (no ``plot=True`` paths), so this is a
+    guard, not a workaround: a figure must never pop up or leak from a batch run. The backend
+    is left alone - switching it would break the plots of the application hosting us."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    before = set(plt.get_fignums()) if plt is not None else set()
+    try:
+        yield
+    finally:
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:
+            for num in set(plt.get_fignums()) - before:
+                plt.close(num)
 
 
 @dataclass
@@ -136,9 +141,14 @@ class Py4DSTEMMethod(BlockMethod):
         should_stop: StopCallback | None = None,
     ) -> None:
         """Measure beam, vacuum, template, kernel, basis and threshold from sampled positions."""
+        with _no_new_figures():
+            self._prepare(dataset, progress, should_stop)
+
+    def _prepare(
+        self, dataset: Any, progress: ProgressCallback | None, should_stop: StopCallback | None
+    ) -> None:
         from py4DSTEM.braggvectors.probe import Probe
 
-        _mpl_quiet()
         Rx, Ry = dataset.scan_shape
         if self.sample_mask is not None and self.sample_mask.shape != (Rx, Ry):
             raise ValueError(
@@ -152,7 +162,7 @@ class Py4DSTEMMethod(BlockMethod):
                 progress(0, total, f"py4dstem: {msg}")
 
         say("measuring the direct beam")
-        pos, pats = _sample_positions(dataset, int(self.opts["n_sample"]))
+        _, pats = _sample_positions(dataset, int(self.opts["n_sample"]))
         beams = np.array([beam_centre_radius(p) for p in pats])
         centres = beams[:, :2]
         radius = float(self.opts["probe_radius"] or np.median(beams[:, 2]))
@@ -168,15 +178,13 @@ class Py4DSTEMMethod(BlockMethod):
                              source)
         say("finding the lattice basis")
         st = self._with_basis(st, dataset, pats)
-        given_mask = self.sample_mask is not None
-        if given_mask:
-            is_vac = ~self.sample_mask[pos[:, 0], pos[:, 1]]
-        else:
-            say("looking for vacuum")
-            sig = self._signals(pats, st)
-            vac_t = self.opts["vacuum_threshold"]
-            vac_t = vacuum_split(sig) if vac_t is None else float(vac_t)
-            is_vac = sig <= vac_t if vac_t is not None else np.zeros(len(pats), bool)
+        # vacuum from the data even when the caller gives a sample mask: the mask says what
+        # to map, not where the beam is bare (masked-out crystal must not enter the template)
+        say("looking for vacuum")
+        sig = self._signals(pats, st)
+        vac_t = self.opts["vacuum_threshold"]
+        vac_t = vacuum_split(sig) if vac_t is None else float(vac_t)
+        is_vac = sig <= vac_t if vac_t is not None else np.zeros(len(pats), bool)
 
         # stage 2: a vacuum probe when the scan has vacuum
         if is_vac.sum() >= 3:
@@ -195,11 +203,12 @@ class Py4DSTEMMethod(BlockMethod):
         say("measuring the noise floor")
         thr = self.opts["threshold"]
         if thr is None:
-            thr = _noise_floor(pats[crystal][:64], st, float(self.opts["threshold_quantile"]))
+            thr = _noise_floor(_spread(pats[crystal], 64), st,
+                               float(self.opts["threshold_quantile"]))
         st.threshold = float(thr)
         say("measuring the fit quality")
-        st.min_peaks, st.max_rms = self._acceptance(pats[crystal][:64], st)
-        if not given_mask:
+        st.min_peaks, st.max_rms = self._acceptance(_spread(pats[crystal], 64), st)
+        if self.sample_mask is None:
             vac_t = self.opts["vacuum_threshold"]
             if vac_t is None and is_vac.any():
                 # the split again, with the final kernel and threshold
@@ -246,10 +255,15 @@ class Py4DSTEMMethod(BlockMethod):
         if self.reference is not None:
             ref = _read_region(dataset, self.reference, 400)
             c = np.array([beam_centre_radius(p)[:2] for p in ref])
-            g1, g2, _ = _basis_from(aligned_mean(ref, c, centre), st, tol)
+            try:
+                g1, g2, _ = _basis_from(aligned_mean(ref, c, centre), st, tol)
+            except ValueError as err:
+                r, cc = self.reference
+                raise ValueError(f"reference region {r.start}:{r.stop},{cc.start}:{cc.stop}: "
+                                 f"{err} (is it on the crystal?)") from None
         else:
             found = []
-            for p in pats[:64]:
+            for p in _spread(pats, 64):
                 try:
                     found.append(_basis_from(p, st, tol, subpixel="poly"))
                 except ValueError:
@@ -305,7 +319,8 @@ class Py4DSTEMMethod(BlockMethod):
         st = self._state()
         n, Ry = block.shape[:2]
         flat = np.asarray(block, np.float32).reshape(n * Ry, *block.shape[2:])
-        found = _detect(flat, st, st.threshold)
+        with _no_new_figures():
+            found = _detect(flat, st, st.threshold)
         A = np.full((n * Ry, 2, 2), np.nan, np.float32)
         if self.sample_mask is not None:
             sample = self.sample_mask[r0 : r0 + n].reshape(-1).copy()
@@ -376,6 +391,14 @@ def _synthetic_disk(
     return 1.0 / (1.0 + np.exp(4.0 * r / width))
 
 
+def _spread(items: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` of ``items``, evenly spread (sampled patterns are in scan order: the first
+    ``n`` would all come from the top of the scan)."""
+    if len(items) <= n:
+        return items
+    return items[np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
 def _cell_shape(g1: np.ndarray, g2: np.ndarray) -> tuple[float, float]:
     """``(|long| / |short|, |cos angle|)`` of a cell: its shape, blind to rotation and size."""
     n1, n2 = np.linalg.norm(g1), np.linalg.norm(g2)
@@ -407,7 +430,14 @@ def _basis_from(
         raise ValueError("fewer than two Bragg disks found: cannot determine the lattice")
     c = int(np.argmax(inten))
     keep = np.arange(len(peaks)) != c
-    return find_basis(peaks[keep] - peaks[c], inten[keep], tol)
+    # maxima closer to the beam than a disk diameter plus 2 px are the kernel's ringing around
+    # the direct beam, never Bragg disks that template matching could resolve
+    gap = 2 * st.radius + 2
+    keep &= np.linalg.norm(peaks - peaks[c], axis=1) > gap
+    g1, g2, n = find_basis(peaks[keep] - peaks[c], inten[keep], tol)
+    if n < 4 or min(np.linalg.norm(g1), np.linalg.norm(g2)) <= gap:
+        raise ValueError("the Bragg disks found do not form a lattice")
+    return g1, g2, n
 
 
 def _detect(

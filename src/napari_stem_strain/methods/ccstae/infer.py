@@ -33,6 +33,8 @@ __all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_pa
 N_DISKS = 19
 #: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
 MIN_DISKS = 3
+#: Share of the base disks whose clear detection marks a crystal whatever the classifier says.
+STRONG_FRACTION = 0.6
 
 
 def sample_patterns(dataset: Any, max_patterns: int = 384, reference: str | None = None
@@ -223,17 +225,21 @@ class CCSTAEMethod(BlockMethod):
         A = np.full((n * Ry, 2, 2), np.nan, np.float32)
         prob = np.zeros(n * Ry, np.float32)
         ok = np.zeros(n * Ry, bool)
+        n_found = np.zeros(n * Ry, np.int64)
         for i in range(0, n * Ry, self.batch_size):
             out = self.engine.run(flat[i:i + self.batch_size], offset=r0 * Ry + i)
             A[i:i + self.batch_size] = out["A"].cpu().numpy()
             prob[i:i + self.batch_size] = out["prob"].cpu().numpy()
+            n_found[i:i + self.batch_size] = out["n_disks"].cpu().numpy()
             ok[i:i + self.batch_size] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
         if self.sample_mask is not None:
             sample = self.sample_mask[r0:r0 + n].reshape(-1)
         else:
-            # crystal = the classifier says so AND the lattice was found: a pattern in which
-            # not even MIN_DISKS disks stand out of the noise holds no measurable lattice
-            sample = (prob > 0.5) & ok
+            # crystal = the lattice was found (a pattern in which not even MIN_DISKS disks stand
+            # out of the noise holds no measurable lattice) AND the classifier says so - unless
+            # the lattice evidence is overwhelming (most base disks clearly found)
+            strong = n_found >= STRONG_FRACTION * (self.engine.P.shape[0] - 1)
+            sample = ok & ((prob > 0.5) | strong)
         A[~(sample & ok)] = np.nan
         if self.prob is not None and self.prob.shape[1] == Ry:
             self.prob[r0:r0 + n] = prob.reshape(n, Ry)

@@ -138,13 +138,14 @@ def angular_search(
 
 def refine(
     pats: torch.Tensor, t: torch.Tensor, A: torch.Tensor, P: torch.Tensor, L: float,
-    tpl: DiskTemplate, steps: int = 4, min_snr: float = 4.0,
+    tpl: DiskTemplate, steps: int = 4, min_snr: float = 4.0, count_snr: float = 10.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gauss-Newton refinement of ``A`` (B,2,2, lattice units) and beam position ``t`` (B,2 px).
 
     Returns ``(A, t, n_disks, rms)``: ``n_disks`` counts the diffracted disks (beam excluded)
-    that were significant in the last step; ``rms`` (px) is the weighted scatter of the disk
-    shifts around the affine fit - large when the data's lattice is not the base's.
+    that were clearly significant (``count_snr``) in the last step; ``rms`` (px) is the
+    weighted scatter of the disk shifts around the affine fit - large when the data's lattice
+    is not the base's.
     """
     B = A.shape[0]
     Q0, Q1 = pats.shape[-2:]
@@ -175,7 +176,9 @@ def refine(
         a_safe = torch.where(ok, a, torch.ones_like(a))
         d = (coef[..., -2:] / a_safe[..., None]).clamp(-h / 2, h / 2)
         w = torch.where(ok, a ** 2, torch.zeros_like(a))  # (B,K)
-        n_ok = ok[:, 1:].sum(1)
+        # weak disks (> min_snr) still help the fit; only clear ones (> count_snr) count as
+        # evidence of a lattice: smooth diffuse background alone can fake a few weak "disks"
+        n_ok = (ok & (snr > count_snr))[:, 1:].sum(1)
         # weighted least squares for the update [dA | dt] from shifts d = dA p + dt
         Xw = X[None] * w[..., None]  # (B,K,3)
         M = Xw.transpose(1, 2) @ X[None]  # (B,3,3)
