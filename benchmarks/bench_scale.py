@@ -248,12 +248,18 @@ def bench_dask(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def markdown(large: dict[str, Any] | None, dask_rows: list[dict[str, Any]] | None,
-             cmdline: str) -> str:
-    lines = [f"Machine: {machine()}. Command: `{cmdline}` "
-             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", ""]
-    if (large or (dask_rows or [{}])[0]).get("method") == "com":
+             cmdline: str, where: str | None = None, when: str | None = None) -> str:
+    """The docs section for one benchmark run (``where``/``when`` default to now, here)."""
+    when = when or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"Machine: {where or machine()}. Command: `{cmdline}` ({when}).", ""]
+    method = (large or (dask_rows or [{}])[0]).get("method")
+    if method == "com":
         lines += ["Method `com`: the simple centre-of-mass BlockMethod of `bench_scale.py` (one "
                   "pass over every pixel: the streaming floor of any method).", ""]
+    elif method == "ae":
+        lines += ["Method `ae`: CC-ST-AE with the shipped default model on the CPU (torch "
+                  f"{_torch_version()}); `prepare` (geometry, template) is inside the timing.",
+                  ""]
     if large:
         lines += [
             "**Larger than memory.** "
@@ -288,6 +294,15 @@ def markdown(large: dict[str, Any] | None, dask_rows: list[dict[str, Any]] | Non
     return "\n".join(lines) + "\n"
 
 
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return f"{torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:  # pragma: no cover
+        return "not installed"
+
+
 def write_docs(md: str) -> None:
     """Replace this benchmark's section of ``docs/benchmarks.md`` (benchmarks/common.py)."""
     from common import write_section
@@ -304,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--engine", default="single")
     c.add_argument("--out", required=True)
     c.add_argument("--block-mb", type=int, default=64)
+    r = sub.add_parser("report", help="render saved --json results into docs/benchmarks.md")
+    r.add_argument("json", nargs="+")
+    r.add_argument("--write-docs", action="store_true")
     for name in ("large", "dask", "all"):
         s = sub.add_parser(name)
         s.add_argument("--method", default="com")
@@ -315,12 +333,21 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "nss-bench-scale"))
         s.add_argument("--keep", action="store_true")
         s.add_argument("--write-docs", action="store_true")
+        s.add_argument("--json", default=None, help="also save the results here")
         s.add_argument("--limit-mb", type=int, default=512,
                        help="RLIMIT_AS of the large map's process, MiB (0: none; use 0 for "
                             "torch methods)")
     a = p.parse_args(argv)
     if a.cmd == "child":
         print(json.dumps(child(a)))
+        return 0
+    if a.cmd == "report":
+        runs = [json.loads(Path(f).read_text()) for f in a.json]
+        md = "\n".join(markdown(r["large"], r["dask"], r["command"], r["machine"], r["when"])
+                       for r in runs)
+        print(md)
+        if a.write_docs:
+            write_docs(md)
         return 0
     Path(a.dir).mkdir(parents=True, exist_ok=True)
     large = bench_large(a) if a.cmd in ("large", "all") else None
@@ -329,8 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     dask_rows = bench_dask(a) if a.cmd in ("dask", "all") else None
     cmdline = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None
                                                             else argv)
-    md = markdown(large, dask_rows, cmdline)
-    print(json.dumps({"large": large, "dask": dask_rows}, indent=1))
+    record = {"large": large, "dask": dask_rows, "command": cmdline, "machine": machine(),
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    md = markdown(large, dask_rows, cmdline, record["machine"], record["when"])
+    print(json.dumps(record, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(record, indent=1))
     print(md)
     if a.write_docs:
         write_docs(md)

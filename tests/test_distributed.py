@@ -26,6 +26,7 @@ from napari_stem_strain.distributed import (
     run_method_dask,
 )
 from napari_stem_strain.io.dataset import Dataset
+from napari_stem_strain.io.errors import DataError
 from napari_stem_strain.io.readers import open_dataset
 from napari_stem_strain.methods.base import BlockMethod, Cancelled
 from napari_stem_strain.methods.runner import run_method
@@ -253,11 +254,31 @@ def test_worker_rejects_a_different_file(h5file, tmp_path):
     with open_h5(h5file) as ds:
         ref = DatasetRef.from_dataset(ds)
     other = DatasetRef(ref.path, ref.name, (99, 5, 8, 8), ref.stamp)
-    with pytest.raises(ValueError, match="dask worker sees shape"):
+    with pytest.raises(DataError, match="495 positions"):  # the reader's own check
+        other.open()
+    other = DatasetRef(ref.path, ref.name, (13, 5, 8, 9), ref.stamp)
+    with pytest.raises(DataError, match="dask worker sees shape"):
         other.open()
     gone = DatasetRef(str(tmp_path / "nope.h5"), "data", ref.shape, ref.stamp)
-    with pytest.raises(ValueError, match="not found on the dask worker"):
+    with pytest.raises(DataError, match="not found on the dask worker"):
         gone.open()
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("test1.blo", {}),                                # RosettaSciIO, lazy dask array
+    ("001_4x2_6bit.mib", {}),                         # Merlin, lazy dask array
+    ("test_00_master.h5", {}),                        # Arina master + data file
+    ("Si100_4D.emd", {"dataset": "/4DSTEM_simulation/data/datacubes/"
+                                 "CBED_array_depth0001/datacube"}),  # one of several arrays
+    ("dmTest_3D_int16_64,65,66.dm4", {"scan_shape": (6, 11)}),  # a 3D stack re-shaped
+])
+def test_real_formats_reopen_on_workers(shared_formats, threads_cluster, name, kwargs):
+    """Workers reopen each format by path (the dataset choice and the scan shape included),
+    and a lazy reader's own dask computations do not deadlock a one-thread worker."""
+    with open_dataset(shared_formats / name, **kwargs) as ds:
+        ref = run_method(ComMethod(), ds)
+        res = run_method_dask(ComMethod(), ds, threads_cluster.scheduler_address, block_bytes=1)
+    assert_same(res, ref)
 
 
 # ---------------------------------------------------------------------------- control & faults

@@ -151,49 +151,15 @@ class DatasetRef:
 
 
 def _open_path(path: str, name: str, scan_shape: tuple[int, int]) -> Dataset:
-    """Open ``path`` with the project's readers; fall back to plain h5py / numpy for the
-    formats they cover while the readers module is unavailable."""
+    """Open ``path`` with the project's readers, as the client did."""
+    from .io.readers import open_dataset
+
     if not Path(path).is_file():
         raise DataError(f"{path}: not found on the dask worker (workers open the input file "
                         "by path: it must be reachable under the same path everywhere)")
-    try:
-        from .io.readers import open_dataset
-    except ImportError:
-        open_dataset = None
-    if open_dataset is not None:
-        ds = open_dataset(path, dataset=name or None)
-        same_positions = int(np.prod(ds.scan_shape)) == int(np.prod(scan_shape))
-        if tuple(ds.scan_shape) != tuple(scan_shape) and same_positions:
-            # the client re-shaped the scan (a 3D stack, or scan_shape given): do the same
-            ds.close()
-            ds = open_dataset(path, dataset=name or None, scan_shape=tuple(scan_shape))
-        return ds
-    return _fallback_open(path, name)
-
-
-def _fallback_open(path: str, name: str) -> Dataset:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        return Dataset(np.load(path, mmap_mode="r"), source=Path(path), name=name)
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"{path}: not a readable HDF5 file ({err})") from err
-    if name:
-        if name not in f:
-            f.close()
-            raise DataError(f"{path}: has no dataset {name!r}")
-        data = f[name]
-    else:
-        found: list[Any] = []
-        f.visititems(lambda _k, v: found.append(v) if getattr(v, "ndim", 0) == 4 else None)
-        if not found:
-            f.close()
-            raise DataError(f"{path}: holds no 4D dataset")
-        data = found[0]
-    return Dataset(data, source=Path(path), name=data.name, _closers=[f])
+    # the client's scan shape, always: it may have come from the user (a 3D stack, or a
+    # re-shaped scan); for a file that records the same shape it changes nothing
+    return open_dataset(path, dataset=name or None, scan_shape=tuple(scan_shape))
 
 
 _CACHE: OrderedDict[DatasetRef, Dataset] = OrderedDict()
@@ -220,8 +186,16 @@ _Out = tuple[int, int, np.ndarray, np.ndarray, dict[str, np.ndarray]]
 
 
 def _block_from_file(method: BlockMethod, ref: DatasetRef, r0: int, r1: int) -> _Out:
-    """One task: read rows ``r0:r1`` on the worker and run the method on them."""
-    block = _worker_dataset(ref).read_rows(r0, r1)  # h5py serialises reads itself
+    """One task: read rows ``r0:r1`` on the worker and run the method on them.
+
+    Opening and reading run under dask's local threaded scheduler: inside a task, a plain
+    ``.compute()`` (a lazy reader probing its file, a dask-backed dataset) would otherwise be
+    sent back to this very cluster and wait forever for a free one-thread worker.
+    """
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        block = _worker_dataset(ref).read_rows(r0, r1)  # h5py serialises reads itself
     return _process(method, block, r0, r1, ref.shape[:2])
 
 

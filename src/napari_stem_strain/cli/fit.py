@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
     p.add_argument("--init", default="default",
                    help="starting model: 'default' (shipped weights) or a model file")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 30)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 15)")
     p.add_argument("--seed", type=int, default=0, help="random seed (fits are deterministic)")
     p.add_argument("--reference", metavar="r0:r1,c0:c1", default=None,
                    help="a region of one grain, to read the lattice from (default: the most "

@@ -104,6 +104,7 @@ class _Derived:
     upsample_factor: int = 16
     min_peaks: int = 4
     max_rms: float = 1.0
+    artifact_rel: float = 0.0  # strongest off-centre maximum the bare beam makes, / its peak
 
 
 class Py4DSTEMMethod(BlockMethod):
@@ -176,6 +177,7 @@ class Py4DSTEMMethod(BlockMethod):
         source = f"synthetic disk r={radius:.2f} edge={width:.2f}"
         st = self._state_for(_kernel(probe, centre, radius), centre, radius, np.eye(2), 1.0,
                              source)
+        st.artifact_rel = _beam_artifacts(probe, st)
         say("finding the lattice basis")
         st = self._with_basis(st, dataset, pats)
         # vacuum from the data even when the caller gives a sample mask: the mask says what
@@ -195,6 +197,7 @@ class Py4DSTEMMethod(BlockMethod):
             source = f"vacuum ({int(is_vac.sum())} sampled positions)"
             st = self._state_for(_kernel(probe, centre, radius), centre, radius, st.basis,
                                  st.tolerance, source)
+            st.artifact_rel = _beam_artifacts(probe, st)
             st = self._with_basis(st, dataset, pats[~is_vac])
         crystal = ~is_vac
         if not crystal.any():
@@ -281,6 +284,7 @@ class Py4DSTEMMethod(BlockMethod):
         bmin = float(min(np.linalg.norm(g1), np.linalg.norm(g2)))
         tol = float(self.opts["tolerance"] or 0.2 * bmin)
         out = self._state_for(st.kernel, centre, st.radius, basis, tol, st.probe_source)
+        out.artifact_rel = st.artifact_rel
         if sym is not None:
             out.symmetry_deg = sym
         return out
@@ -362,6 +366,7 @@ class Py4DSTEMMethod(BlockMethod):
                 edge_boundary=st.edge_boundary,
                 max_peaks=st.max_peaks,
                 sigma_cc=st.sigma_cc,
+                beam_artifact_level=float(st.artifact_rel),
                 min_peaks=st.min_peaks,
                 max_rms=round(st.max_rms, 4),
             )
@@ -421,6 +426,20 @@ def _kernel(probe: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
     )
 
 
+def _beam_artifacts(probe: np.ndarray, st: _Derived) -> float:
+    """How strong, relative to the beam's own correlation peak, is the strongest maximum that a
+    bare direct beam (the probe template) produces away from itself? Template matching rings:
+    the correlation of the beam with the edge kernel has weak side maxima on a regular grid,
+    which a search for the lattice on a high signal-to-noise mean pattern would otherwise take
+    for a lattice of disks. Measured by running the same detection on the template."""
+    peaks, inten = _detect(probe[None], st, threshold=0.0, subpixel="poly")[0]
+    if len(peaks) < 2:
+        return 0.0
+    c = int(np.argmax(inten))
+    far = np.linalg.norm(peaks - peaks[c], axis=1) > 2 * st.radius + 2
+    return float(inten[far].max() / inten[c]) if far.any() and inten[c] > 0 else 0.0
+
+
 def _basis_from(
     pattern: np.ndarray, st: _Derived, tol: float, subpixel: str | None = None
 ) -> tuple:
@@ -434,6 +453,8 @@ def _basis_from(
     # the direct beam, never Bragg disks that template matching could resolve
     gap = 2 * st.radius + 2
     keep &= np.linalg.norm(peaks - peaks[c], axis=1) > gap
+    # and maxima no stronger than the bare beam's own ringing (x3) are not evidence of disks
+    keep &= inten > 3.0 * st.artifact_rel * inten[c]
     g1, g2, n = find_basis(peaks[keep] - peaks[c], inten[keep], tol)
     if n < 4 or min(np.linalg.norm(g1), np.linalg.norm(g2)) <= gap:
         raise ValueError("the Bragg disks found do not form a lattice")

@@ -64,7 +64,7 @@ class Engine:
     P: torch.Tensor
     device: str = "cpu"
     refine_steps: int = 2
-    polish_deg: float = 8.0
+    polish_deg: float = 10.0
 
     @classmethod
     def build(cls, model: Model, sample: np.ndarray, device: str = "cpu",

@@ -217,8 +217,7 @@ def fit_lattice(points: np.ndarray, weights: np.ndarray | None = None
             break
     if g2 is None:
         raise ValueError("the Bragg disks are collinear: cannot determine a 2D lattice")
-    if g1 @ g2 < 0:
-        g2 = -g2  # reduced basis with an acute angle
+    g1, g2 = _reduce(g1, g2)
     w = np.ones(len(pts)) if weights is None else np.asarray(weights, float)
     for _ in range(2):
         G = np.stack([g1, g2], 1)
@@ -229,5 +228,21 @@ def fit_lattice(points: np.ndarray, weights: np.ndarray | None = None
             break
         sw = np.sqrt(w[good])[:, None]
         sol, *_ = np.linalg.lstsq(hk[good] * sw, pts[good] * sw, rcond=None)
-        g1, g2 = sol[0], sol[1]
+        g1, g2 = _reduce(sol[0], sol[1])
     return np.asarray(g1), np.asarray(g2)
+
+
+def _reduce(g1: np.ndarray, g2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lagrange-Gauss reduction: the shortest basis of the same lattice, acute angle (so a
+    square lattice found as ``(1,0), (1,1)`` becomes ``(1,0), (0,1)`` and is seen as square)."""
+    g1, g2 = np.asarray(g1, float), np.asarray(g2, float)
+    for _ in range(32):
+        if g2 @ g2 < g1 @ g1:
+            g1, g2 = g2, g1
+        m = np.rint((g1 @ g2) / (g1 @ g1))
+        if m == 0:
+            break
+        g2 = g2 - m * g1
+    if g1 @ g2 < 0:
+        g2 = -g2
+    return g1, g2

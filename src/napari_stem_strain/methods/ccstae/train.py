@@ -37,7 +37,7 @@ __all__ = ["fit_model", "train_default", "collect_training_set", "train_model",
            "lattice_from_pattern",
            "DEFAULT_EPOCHS"]
 
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 15
 MAX_TRAIN = 1024
 
 
@@ -158,7 +158,7 @@ def _signature(data: dict[str, torch.Tensor], seed: int, epochs: int) -> str:
 
 def train_model(
     model: Model, data: dict[str, torch.Tensor], epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-    device: str = "cpu", lr: float = 3e-3, batch: int = 128, patience: int = 5,
+    device: str = "cpu", lr: float = 3e-3, batch: int = 128, patience: int = 4,
     checkpoint: Path | None = None, resume: bool = True,
     progress: ProgressCallback | None = None, should_stop: StopCallback | None = None,
     init_bases: bool = True,
@@ -219,7 +219,7 @@ def train_model(
                 vl += parts["loss"] * len(j)
             vl /= n_val
         history.append({"epoch": epoch + 1, "train": tot / max(cnt, 1), "val": vl})
-        if vl < best - 1e-6:
+        if vl < best - 0.002 * abs(best):  # plateau (< 0.2 % better) counts as no progress
             best, bad = vl, 0
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         else:
