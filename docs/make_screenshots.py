@@ -84,7 +84,7 @@ def main() -> int:
     ref_dock = viewer.window.add_dock_widget(reference, name="Reference and mask",
                                              area="right")
     viewer.window.add_dock_widget(export, name="Export", area="right", tabify=True)
-    viewer.window.add_dock_widget(probe, name="Probe inspector", area="left")
+    probe_dock = viewer.window.add_dock_widget(probe, name="Probe inspector", area="left")
     _process(0.3)
     ref_dock.raise_()
     session = get_session(viewer)
@@ -122,7 +122,13 @@ def main() -> int:
                                                         or {}).get("method", ""):
             viewer.layers.selection.active = layer
     _save(viewer, "gui_maps.png")
+    probe_dock.setFloating(True)  # room for the pattern and the numbers
+    probe_dock.resize(470, 820)
+    _process(0.5)
+    probe.splitter.setSizes([430, 300])
+    _process(0.5)
     _save_widget(probe, "gui_probe.png")
+    probe_dock.setFloating(False)
     mapping.tabs.setCurrentIndex(0)
     _save_widget(mapping, "gui_histograms.png")
     mapping.tabs.setCurrentIndex(1)

@@ -259,6 +259,10 @@ def test_worker_rejects_a_different_file(h5file, tmp_path):
     other = DatasetRef(ref.path, ref.name, (13, 5, 8, 9), ref.stamp)
     with pytest.raises(DataError, match="dask worker sees shape"):
         other.open()
+    other = DatasetRef(ref.path, ref.name, ref.shape, ref.stamp, (1.0, 2.0))
+    with pytest.raises(DataError, match="reads different patterns"):
+        other.open()
+    assert ref.open().shape == SHAPE  # the true reference opens
     gone = DatasetRef(str(tmp_path / "nope.h5"), "data", ref.shape, ref.stamp)
     with pytest.raises(DataError, match="not found on the dask worker"):
         gone.open()

@@ -124,6 +124,10 @@ class DatasetRef:
     name: str
     shape: tuple[int, int, int, int]
     stamp: tuple[int, int]
+    #: Sum of the first and last patterns as the client reads them: a worker that opens a
+    #: different file under the same path (another machine) or a dataset whose data differ
+    #: from the file's refuses to compute, rather than return a silently different map.
+    fingerprint: tuple[float, float] = (float("nan"), float("nan"))
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> DatasetRef | None:
@@ -136,7 +140,7 @@ class DatasetRef:
             return None
         st = p.stat()
         return cls(str(p), str(getattr(dataset, "name", "") or ""), tuple(dataset.shape),
-                   (st.st_size, st.st_mtime_ns))
+                   (st.st_size, st.st_mtime_ns), _fingerprint(dataset))
 
     def open(self) -> Dataset:
         """Open the file read-only on this worker, check it matches what the client saw."""
@@ -147,7 +151,21 @@ class DatasetRef:
                 f"{self.path}: a dask worker sees shape {tuple(ds.shape)}, the client saw "
                 f"{tuple(self.shape)} (is the file the same on every machine?)"
             )
+        if not np.array_equal(_fingerprint(ds), self.fingerprint, equal_nan=True):
+            ds.close()
+            raise DataError(
+                f"{self.path}: a dask worker reads different patterns from this file than the "
+                "client (is the file the same on every machine?)"
+            )
         return ds
+
+
+def _fingerprint(dataset: Any) -> tuple[float, float]:
+    """Float64 sums of the first and the last pattern (two one-row reads, as every block)."""
+    Rx, Ry = dataset.scan_shape
+    first = dataset.read_rows(0, 1)[0, 0].sum(dtype=np.float64)
+    last = dataset.read_rows(Rx - 1, Rx)[0, Ry - 1].sum(dtype=np.float64)
+    return float(first), float(last)
 
 
 def _open_path(path: str, name: str, scan_shape: tuple[int, int]) -> Dataset:

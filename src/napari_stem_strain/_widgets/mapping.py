@@ -308,7 +308,8 @@ class MappingWidget(QWidget):
             if not any(f.size for f in finite):
                 continue
             allv = np.concatenate([f for f in finite if f.size])
-            lim = float(np.percentile(np.abs(allv), 99.5)) or 1.0
+            # a flat map (e.g. all zero) still gets readable bins
+            lim = max(float(np.percentile(np.abs(allv), 99.5)), 1e-3)
             bins = np.linspace(-lim, lim, 41)
             for name, f in zip(results, finite, strict=True):
                 if f.size:

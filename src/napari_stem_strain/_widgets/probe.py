@@ -18,7 +18,9 @@ from qtpy.QtWidgets import (
     QComboBox,
     QHBoxLayout,
     QLabel,
+    QScrollArea,
     QSizePolicy,
+    QSplitter,
     QVBoxLayout,
     QWidget,
 )
@@ -74,7 +76,7 @@ class ProbeInspector(QWidget):
 
         self.figure = Figure(figsize=(3.6, 3.6), facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumSize(240, 240)
+        self.canvas.setMinimumSize(160, 160)
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.ax = self.figure.add_axes((0.0, 0.0, 1.0, 1.0))
         self.ax.set_axis_off()
@@ -82,13 +84,24 @@ class ProbeInspector(QWidget):
         self.numbers = QLabel("click on the scan image to inspect a probe position")
         self.numbers.setTextFormat(Qt.TextFormat.RichText)
         self.numbers.setWordWrap(True)
+        self.numbers.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.numbers.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        scroll = QScrollArea()
+        scroll.setWidget(self.numbers)
+        scroll.setWidgetResizable(True)
+        scroll.setMinimumHeight(60)
+        # pattern above, numbers below; the user moves the split (a small dock scrolls)
+        self.splitter = split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.canvas)
+        split.addWidget(scroll)
+        split.setStretchFactor(0, 1)
+        split.setStretchFactor(1, 1)
+        split.setChildrenCollapsible(False)
 
         lay = QVBoxLayout(self)
         lay.addLayout(top)
         lay.addLayout(top2)
-        lay.addWidget(self.canvas, 1)
-        lay.addWidget(self.numbers)
+        lay.addWidget(split, 1)
 
         self.session.probe_changed.connect(self._on_probe)
         self.session.results_changed.connect(self.update_view)
@@ -235,8 +248,9 @@ class ProbeInspector(QWidget):
         ax.imshow(shown, cmap="gray", interpolation="nearest")
         if self.show_overlay.isChecked():
             radius = self.lattice.radius if self.lattice is not None else 3.0
-            size = (2.2 * radius) ** 2 * 4
-            for name, pts in self.overlay.items():
+            for i, (name, pts) in enumerate(self.overlay.items()):
+                # concentric rings, one size per method, so coinciding predictions stay visible
+                size = (2.2 * radius * (1.0 + 0.4 * i)) ** 2 * 4
                 ax.scatter(pts[:, 1], pts[:, 0], s=size, facecolors="none",
                            edgecolors=method_colour(name), linewidths=1.3,
                            label=method_label(name))

@@ -3,15 +3,21 @@
 Fully automatic - every setting is measured from the data in :meth:`Py4DSTEMMethod.prepare`:
 
 * the direct beam (centre, radius, edge softness) on a grid of sampled positions;
-* vacuum: positions that keep nearly all counts in the bright field (a clearly bimodal
-  bright-field fraction); a vacuum probe template is averaged from them (descan removed), or,
-  with no vacuum in the scan, a synthetic disk of the measured radius and edge is used;
-* the correlation kernel: py4DSTEM's edge-sigmoid probe kernel;
+* vacuum: positions whose patterns carry no lattice - the "lattice signal" (correlation
+  intensity on the best-rotated lattice relative to the direct beam) splits clearly in two
+  when the scan has vacuum. A bright-field/ADF fraction does not work here: under the
+  published noise model a diffuse background of up to 70 % of the counts lies on vacuum and
+  crystal alike. A vacuum probe template is averaged from the vacuum patterns (descan removed,
+  local background subtracted), or, with no vacuum in the scan, a synthetic disk of the
+  measured radius and edge softness is used;
+* the correlation kernel: py4DSTEM's edge-sigmoid probe kernel, radii ``(r, 2r)``;
 * the basis ``b1, b2``: the lattice of the descan-aligned mean pattern of the reference region
   (or, without one, of the best-indexed sampled pattern);
 * the detection threshold: from the correlation's own noise floor - the intensity of the
   maxima that lie *off* the lattice in sampled patterns (noise, ringing), not a fraction of
-  the direct beam, which fails when first-order disks hold well under 1 % of it.
+  the direct beam, which fails when first-order disks hold well under 1 % of it;
+* the fit acceptance: how many disks a crystal position indexes and how tightly, measured on
+  sampled positions, so chance alignments of noise maxima are rejected (NaN, never garbage).
 
 Per position (:meth:`Py4DSTEMMethod.process_block`) py4DSTEM's ``find_Bragg_disks`` finds the
 disks; :mod:`._py4dstem_lattice` rotates the basis to the best-indexing orientation (any grain
@@ -53,7 +59,7 @@ __all__ = ["Py4DSTEMMethod", "run_py4dstem", "detect_disks", "DEFAULTS"]
 DEFAULTS: dict[str, Any] = {
     "probe_radius": None,  # direct-beam radius, px
     "threshold": None,  # minAbsoluteIntensity of the correlation maxima
-    "vacuum_threshold": None,  # bright-field fraction above which a position is vacuum
+    "vacuum_threshold": None,  # lattice signal at or below which a position is vacuum
     "subpixel": "multicorr",  # py4DSTEM subpixel mode: 'poly' or 'multicorr'
     "upsample_factor": 16,
     "tolerance": None,  # indexing tolerance, px (default 0.2 x shortest basis vector)

@@ -155,14 +155,32 @@ class Engine:
         x = encoder_input(pats, c, g, net.n, net.extent)
         A0, prob = net.predict(x)
         if init == "search":
-            eye = torch.eye(2, device=pats.device).expand(len(pats), 2, 2)
-            half = net.symmetry_deg / 2
-            A0 = angular_search(pats, c, eye, self.P, g.L, half, 2.0, g.r)
-            A0 = angular_search(pats, c, A0, self.P, g.L, 1.5, 0.5, g.r)
+            A0 = self._search(pats, c)
         elif self.polish_deg > 0:
             A0 = angular_search(pats, c, A0, self.P, g.L, self.polish_deg, 2.0, g.r)
         A, t, n_ok, rms = refine(pats, c, A0, self.P, g.L, self.tpl, steps=self.refine_steps)
+        if init != "search":
+            # safety net: a pattern the classifier calls crystal but whose lattice was not found
+            # from the encoder's guess (guess outside the polish range) is registered again
+            # from an exhaustive search. Whole chunk, so shapes - and results - stay fixed.
+            bad = (prob > 0.5) & (n_ok < MIN_DISKS)
+            if bool(bad.any()):
+                A2, t2, n2, r2 = refine(pats, c, self._search(pats, c), self.P, g.L, self.tpl,
+                                        steps=self.refine_steps)
+                use = bad & (n2 > n_ok)
+                A = torch.where(use[:, None, None], A2, A)
+                t = torch.where(use[:, None], t2, t)
+                n_ok = torch.where(use, n2, n_ok)
+                rms = torch.where(use, r2, rms)
         return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x}
+
+    def _search(self, pats: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Exhaustive angular search over one symmetry period (2 deg, then 0.5 deg)."""
+        g = self.geom
+        eye = torch.eye(2, device=pats.device).expand(len(pats), 2, 2)
+        half = self.model.net.symmetry_deg / 2
+        A0 = angular_search(pats, c, eye, self.P, g.L, half, 2.0, g.r)
+        return angular_search(pats, c, A0, self.P, g.L, 1.5, 0.5, g.r)
 
 
 class CCSTAEMethod(BlockMethod):

@@ -4,9 +4,10 @@ The encoder is fast but coarse (a 32x32 view). Precision comes from a few batche
 Gauss-Newton steps on the *raw* (square-rooted) pattern, starting from the encoder's guess:
 
 * **Per-disk, intensity-free matching.** Around each predicted disk position the pattern is
-  sampled on a small patch and fitted as ``a T(o - d) + b`` (``T`` = the data's own mean direct
-  beam profile, ``a`` a free per-disk gain, ``b`` a free local background). Linearised in ``d``
-  this is one fixed 4-column least-squares problem, so its pseudo-inverse is computed once and
+  sampled on a small patch and fitted as ``a T(o - d) + b + ramp . o`` (``T`` = the data's own
+  mean direct beam profile, ``a`` a free per-disk gain, ``b`` and ``ramp`` a free local
+  background and its slope). Linearised in ``d`` this is one fixed 6-column least-squares
+  problem, so its pseudo-inverse is computed once and
   every disk of every pattern costs one small matrix product. Free gain and offset per disk is
   what makes this cope with dynamical scattering (intensities changing from position to
   position), first-order disks holding <1 % of the beam and diffuse background - no threshold
