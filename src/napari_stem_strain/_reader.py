@@ -223,7 +223,8 @@ def read_4dstem(path: str | list[str]) -> list[LayerData]:
         return dataset_layers(ds, read_ground_truth(path))
     except DataError as err:
         show_error(str(err))
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure is a notification, not a traceback
         log.exception("reading %s failed", path)
-        show_error(f"{path}: cannot be read ({str(err).splitlines()[0] if str(err) else err!r})")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        show_error(f"{path}: cannot be read ({first})")
     return [(None,)]

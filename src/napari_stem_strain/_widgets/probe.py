@@ -247,15 +247,24 @@ class ProbeInspector(QWidget):
         shown = np.sqrt(p) if mode == "sqrt" else np.log1p(p) if mode == "log" else p
         ax.imshow(shown, cmap="gray", interpolation="nearest")
         if self.show_overlay.isChecked():
+            from matplotlib.collections import EllipseCollection
+            from matplotlib.lines import Line2D
+
             radius = self.lattice.radius if self.lattice is not None else 3.0
+            handles = []
             for i, (name, pts) in enumerate(self.overlay.items()):
-                # concentric rings, one size per method, so coinciding predictions stay visible
-                size = (2.2 * radius * (1.0 + 0.4 * i)) ** 2 * 4
-                ax.scatter(pts[:, 1], pts[:, 0], s=size, facecolors="none",
-                           edgecolors=method_colour(name), linewidths=1.3,
-                           label=method_label(name))
-            if self.overlay:
-                ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
+                # rings in detector pixels (they scale with the image), one size per method,
+                # concentric so coinciding predictions stay visible
+                d = np.full(len(pts), 2.0 * radius * (1.0 + 0.3 * i))
+                col = method_colour(name)
+                ax.add_collection(EllipseCollection(
+                    d, d, np.zeros(len(pts)), units="xy", offsets=pts[:, ::-1],
+                    offset_transform=ax.transData, facecolors="none", edgecolors=col,
+                    linewidths=1.3))
+                handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=col,
+                                      label=method_label(name)))
+            if handles:
+                ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.6)
         h, w = self.pattern.shape
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
