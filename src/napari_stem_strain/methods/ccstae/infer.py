@@ -31,6 +31,8 @@ __all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_pa
 #: Number of base-lattice disks (beam included) the refinement uses: more is more precise,
 #: fewer is faster; 19 = the direct beam and the first three rings of a hexagonal lattice.
 N_DISKS = 19
+#: Combine disk shifts with fixed per-ring weights (see :func:`.refine.refine`).
+FIXED_WEIGHTS = True
 #: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
 MIN_DISKS = 3
 #: Share of the base disks whose clear detection marks a crystal whatever the classifier says.
@@ -65,6 +67,7 @@ class Engine:
     device: str = "cpu"
     refine_steps: int = 2
     polish_deg: float = 10.0
+    disk_weights: torch.Tensor | None = None
 
     @classmethod
     def build(cls, model: Model, sample: np.ndarray, device: str = "cpu",
@@ -112,6 +115,21 @@ class Engine:
             if 0.8 < scale < 1.25:
                 g = self.geom
                 self.geom = DataGeometry(g.c0, g.r, g.L * scale, g.pattern_shape)
+            if FIXED_WEIGHTS:
+                # one weight per ring of the base lattice (rotation-invariant): the mean squared
+                # gain of its disks over the registered sample patterns
+                extra: dict = {}
+                refine(as_patterns(sample[idx][good.numpy()], self.device),
+                       out["centre"][good], out["A"][good], self.P, self.geom.L, self.tpl,
+                       steps=1, extra=extra)
+                a2 = extra["gain"].clamp(min=0).pow(2).mean(0)
+                radius = torch.linalg.norm(self.P, dim=1)
+                ring = torch.round(radius * 1000)
+                w = torch.zeros_like(a2)
+                for v in torch.unique(ring):
+                    sel = ring == v
+                    w[sel] = a2[sel].mean()
+                self.disk_weights = w
 
     @torch.inference_mode()
     def run(self, block: np.ndarray | torch.Tensor, init: str = "encoder", offset: int = 0
@@ -158,7 +176,8 @@ class Engine:
             A0 = self._search(pats, c)
         elif self.polish_deg > 0:
             A0 = angular_search(pats, c, A0, self.P, g.L, self.polish_deg, 2.0, g.r)
-        A, t, n_ok, rms = refine(pats, c, A0, self.P, g.L, self.tpl, steps=self.refine_steps)
+        A, t, n_ok, rms = refine(pats, c, A0, self.P, g.L, self.tpl, steps=self.refine_steps,
+                                 disk_weights=self.disk_weights)
         if init != "search":
             # safety net: a pattern the classifier calls crystal but whose lattice was not found
             # from the encoder's guess (guess outside the polish range) is registered again
@@ -166,7 +185,8 @@ class Engine:
             bad = (prob > 0.5) & (n_ok < MIN_DISKS)
             if bool(bad.any()):
                 A2, t2, n2, r2 = refine(pats, c, self._search(pats, c), self.P, g.L, self.tpl,
-                                        steps=self.refine_steps)
+                                        steps=self.refine_steps,
+                                        disk_weights=self.disk_weights)
                 use = bad & (n2 > n_ok)
                 A = torch.where(use[:, None, None], A2, A)
                 t = torch.where(use[:, None], t2, t)

@@ -140,6 +140,7 @@ def angular_search(
 def refine(
     pats: torch.Tensor, t: torch.Tensor, A: torch.Tensor, P: torch.Tensor, L: float,
     tpl: DiskTemplate, steps: int = 4, min_snr: float = 4.0, count_snr: float = 10.0,
+    disk_weights: torch.Tensor | None = None, extra: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gauss-Newton refinement of ``A`` (B,2,2, lattice units) and beam position ``t`` (B,2 px).
 
@@ -176,7 +177,14 @@ def refine(
         ok = inside & (snr > min_snr)
         a_safe = torch.where(ok, a, torch.ones_like(a))
         d = (coef[..., -2:] / a_safe[..., None]).clamp(-h / 2, h / 2)
-        w = torch.where(ok, a ** 2, torch.zeros_like(a))  # (B,K)
+        if disk_weights is None:
+            w = torch.where(ok, a ** 2, torch.zeros_like(a))  # (B,K)
+        else:
+            # fixed per-disk weights: per-disk biases (e.g. an intensity gradient inside a disk)
+            # then combine the same way at every position and cancel against the reference,
+            # instead of wandering with the position-dependent intensities
+            w = torch.where(ok, disk_weights[None].expand_as(a), torch.zeros_like(a))
+            w[:, 0] = torch.where(ok[:, 0], a[:, 0] ** 2, torch.zeros_like(a[:, 0]))
         # weak disks (> min_snr) still help the fit; only clear ones (> count_snr) count as
         # evidence of a lattice: smooth diffuse background alone can fake a few weak "disks"
         n_ok = (ok & (snr > count_snr))[:, 1:].sum(1)
@@ -192,6 +200,8 @@ def refine(
         # weighted rms (px) of what the affine update leaves unexplained
         res = d - X[None] @ sol
         rms = torch.sqrt((w * (res ** 2).sum(-1)).sum(1) / w.sum(1).clamp_min(1e-30))
+        if extra is not None:
+            extra["gain"] = a
     return A, t, n_ok, rms
 
 
