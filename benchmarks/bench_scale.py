@@ -248,8 +248,16 @@ def bench_dask(a: argparse.Namespace) -> list[dict[str, Any]]:
         with open(path, "rb") as fh:  # warm the page cache: every engine reads from memory
             while fh.read(64 * 2**20):
                 pass
-        for engine in ("single", "local:1", "local:2"):
-            rows.append(measure(path, a.method, engine, a.block_mb, cold=False))
+        # engines interleaved, each run `repeat` times; the fastest run of each is reported
+        # (on a shared machine the slow runs measure the other jobs, not the engine)
+        runs: dict[str, list[dict[str, Any]]] = {"single": [], "local:1": [], "local:2": []}
+        for _ in range(max(1, a.repeat)):
+            for engine, done in runs.items():
+                done.append(measure(path, a.method, engine, a.block_mb, cold=False))
+        for done in runs.values():
+            best = max(done, key=lambda r: r["patterns_per_s"])
+            best["all_patterns_per_s"] = [round(r["patterns_per_s"]) for r in done]
+            rows.append(best)
     finally:
         if made and not a.keep:
             path.unlink()
@@ -290,11 +298,13 @@ def markdown(large: dict[str, Any] | None, dask_rows: list[dict[str, Any]] | Non
     if dask_rows:
         lines += ["**Dask workers** (file in page cache; one-thread worker processes on "
                   "127.0.0.1; cluster start not timed):", "",
-                  "| engine | patterns/s | seconds | peak RSS, all processes (MiB) |",
+                  "| engine | patterns/s (best) | seconds | peak RSS, all processes (MiB) |",
                   "|---|---:|---:|---:|"]
         for r in dask_rows:
             label = "one process, no dask" if r["engine"] == "single" else r["engine"]
-            lines.append(f"| {label} | {r['patterns_per_s']:.0f} | {r['seconds']:.1f} | "
+            every = r.get("all_patterns_per_s", [])
+            runs = f" (runs: {', '.join(map(str, every))})" if len(every) > 1 else ""
+            lines.append(f"| {label} | {r['patterns_per_s']:.0f}{runs} | {r['seconds']:.1f} | "
                          f"{r['peak_rss_tree_mb']:.0f} |")
         by = {r["engine"]: r["patterns_per_s"] for r in dask_rows}
         if "local:1" in by and "local:2" in by:
@@ -347,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--keep", action="store_true")
         s.add_argument("--write-docs", action="store_true")
         s.add_argument("--json", default=None, help="also save the results here")
+        s.add_argument("--repeat", type=int, default=1,
+                       help="dask: runs per engine, the fastest reported")
         s.add_argument("--limit-mb", type=int, default=512,
                        help="RLIMIT_AS of the large map's process, MiB (0: none; use 0 for "
                             "torch methods)")

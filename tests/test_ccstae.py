@@ -85,7 +85,7 @@ def fitted(tmp_path_factory, scan):
     data, _, _ = scan
     out = tmp_path_factory.mktemp("m") / "tiny.pt"
     init = new_model(*HEX, n=16, extent=2.6, width=4, seed=1)
-    fit_model(Dataset(data=data), init=init, epochs=40, out=out, device="cpu",
+    fit_model(Dataset(data=data), init=init, epochs=15, out=out, device="cpu",
               reference="0:8,0:4")
     return out
 
@@ -165,7 +165,7 @@ def test_model_round_trip_and_determinism(fitted, scan, tmp_path):
     assert a["n_disks"] >= 12 and 0.0 <= a["sample_prob"] <= 1.0
     # same seed, same data -> the same weights
     again = fit_model(Dataset(data=data), init=new_model(*HEX, n=16, width=4, seed=1),
-                      epochs=40, out=tmp_path / "again.pt", device="cpu", reference="0:8,0:4")
+                      epochs=15, out=tmp_path / "again.pt", device="cpu", reference="0:8,0:4")
     m3 = load_model(again)
     for k, v in m1.net.state_dict().items():
         assert torch.equal(v, m3.net.state_dict()[k]), k

@@ -158,6 +158,34 @@ def find_basis(
     return g1, g2, n
 
 
+def _trim_outliers(
+    peaks: np.ndarray, hk: np.ndarray, keep: np.ndarray, w: np.ndarray, fit: LatticeFit,
+    min_peaks: int, max_drop: int = 5,
+) -> LatticeFit:
+    """Drop, one at a time, disks far off the fitted lattice (beyond 4 robust sigmas, at least
+    0.25 px) and refit. Such a disk is real but mis-measured - typically cut by the detector
+    edge - and within the indexing tolerance it would drag the whole fit by a pixel."""
+    keep = keep.copy()
+    for _ in range(max_drop):
+        res = np.linalg.norm(peaks - fit.origin - hk @ fit.G.T, axis=1)
+        idx = np.flatnonzero(keep)
+        scale = 1.4826 * float(np.median(res[idx]))
+        worst = idx[int(np.argmax(res[idx]))]
+        if res[worst] <= max(4.0 * scale, 0.25):
+            break
+        trial = keep.copy()
+        trial[worst] = False
+        if int((trial & np.any(hk != 0, axis=1)).sum()) < min_peaks:
+            break
+        keep = trial
+        g1, g2, origin = fit_lattice(peaks[keep], hk[keep], w[keep])
+        G = np.stack([g1, g2], axis=1)
+        r = peaks[keep] - origin - hk[keep] @ G.T
+        fit = LatticeFit(g1, g2, origin, int((keep & np.any(hk != 0, axis=1)).sum()),
+                         float(np.sqrt(np.mean(np.sum(r**2, 1)))))
+    return fit
+
+
 def index_pattern(
     peaks: np.ndarray,
     intensity: np.ndarray,
@@ -225,6 +253,8 @@ def index_pattern(
         if prev_keep is not None and np.array_equal(keep, prev_keep):
             break
         prev_keep = keep
+    if fit is not None and prev_keep is not None:
+        fit = _trim_outliers(peaks, hk, prev_keep, w_all, fit, min_peaks)
     if fit is None or fit.rms > max_rms:
         return IndexResult(None, signal)
     # sanity: the fitted cell must stay close to the (rotated) basis cell

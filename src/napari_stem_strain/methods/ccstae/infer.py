@@ -31,8 +31,10 @@ __all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_pa
 #: Number of base-lattice disks (beam included) the refinement uses: more is more precise,
 #: fewer is faster; 19 = the direct beam and the first three rings of a hexagonal lattice.
 N_DISKS = 19
-#: Combine disk shifts with fixed per-ring weights (see :func:`.refine.refine`).
-FIXED_WEIGHTS = True
+#: Combine disk shifts with fixed per-ring weights instead of per-pattern gains (see
+#: :func:`.refine.refine`). Off: measured on the w=0 and w=0.7 benchmark files it helped eyy
+#: at w=0 a little (0.92 -> 0.87e-3) and hurt everything at w=0.7 (1.1 -> 1.3e-3).
+FIXED_WEIGHTS = False
 #: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
 MIN_DISKS = 3
 #: Share of the base disks whose clear detection marks a crystal whatever the classifier says.

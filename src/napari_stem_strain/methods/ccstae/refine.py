@@ -32,11 +32,14 @@ import torch
 
 from .preprocess import sample_points
 
+#: Interpolation of the patches the refinement fits (see :func:`.preprocess.sample_points`).
+PATCH_MODE = "bilinear"
 
-def sqrt_samples(pats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Square root of bilinear samples of the raw pattern: only the sampled points are
-    square-rooted (cheaper than the whole detector; the template is built the same way)."""
-    return torch.sqrt(torch.clamp(sample_points(pats, pos), min=0))
+
+def sqrt_samples(pats: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Square root of samples of the raw pattern: only the sampled points are square-rooted
+    (cheaper than the whole detector; the template is built the same way)."""
+    return torch.sqrt(torch.clamp(sample_points(pats, pos, mode), min=0))
 
 __all__ = ["DiskTemplate", "make_template", "lattice_points", "refine", "angular_search",
            "fit_lattice"]
@@ -71,7 +74,7 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float) -> DiskTe
 
     def mean_at(shift: tuple[float, float]) -> torch.Tensor:
         pos = centres[:, None, :] + off[None] + torch.tensor(shift, device=off.device)
-        return sqrt_samples(pats, pos).mean(0)
+        return sqrt_samples(pats, pos, PATCH_MODE).mean(0)
 
     T = mean_at((0.0, 0.0))
     Tr = mean_at((0.5, 0.0)) - mean_at((-0.5, 0.0))
@@ -162,7 +165,7 @@ def refine(
     for _ in range(max(1, steps)):
         pos = t[:, None, :] + L * torch.einsum("bxy,ky->bkx", A, P)  # (B,K,2)
         pts = (pos[:, :, None, :] + tpl.offsets).reshape(B, K * npix, 2)
-        patch = sqrt_samples(pats, pts).reshape(B, K, npix)
+        patch = sqrt_samples(pats, pts, PATCH_MODE).reshape(B, K, npix)
         coef = patch @ tpl.pinv.T  # (B,K,8)
         # residual power without forming the residual: |p|^2 - c^T (D^T D) c
         fitted = torch.einsum("bki,ij,bkj->bk", coef, G32, coef)
