@@ -117,8 +117,8 @@ def run_methods(
 ) -> dict[str, MethodMaps]:
     """Run each named method and return its result group, maps relative to ``reference``.
 
-    ``reference`` defaults to :func:`default_reference` on the first method's sample mask. ``sample_mask``
-    (True = crystal) overrides each method's own background classification.
+    ``reference`` defaults to :func:`default_reference` on the first method's sample mask.
+    ``sample_mask`` (True = crystal) overrides each method's own background classification.
     """
     names = expand_methods(methods)
     if reference is not None:

@@ -133,7 +133,9 @@ def write_results(
                         for k, v in old.attrs.items():
                             out.attrs[k] = v
                 except OSError as err:
-                    raise ResultFileError(f"{path}: existing file is not readable HDF5 ({err})")
+                    raise ResultFileError(
+                        f"{path}: existing file is not readable HDF5 ({err})"
+                    ) from err
             for m in groups:
                 _write_group(out, m)
             if groups:
@@ -170,7 +172,9 @@ def read_results(path: str | os.PathLike) -> dict[str, MethodMaps]:
                 raise ResultFileError(f"{path}: /{name}/exx is not a 2D (Rx, Ry) map")
             for k in MAP_NAMES:
                 if g[k].shape != shape:
-                    raise ResultFileError(f"{path}: /{name}/{k} has shape {g[k].shape}, not {shape}")
+                    raise ResultFileError(
+                        f"{path}: /{name}/{k} has shape {g[k].shape}, not {shape}"
+                    )
             if g["A"].shape != (*shape, 2, 2):
                 raise ResultFileError(f"{path}: /{name}/A has shape {g['A'].shape}")
             maps = StrainMaps(*(g[k][()] for k in (*MAP_NAMES, "A")))
