@@ -32,64 +32,166 @@ import torch
 
 from .preprocess import sample_points
 
-#: Interpolation of the patches the refinement fits (see :func:`.preprocess.sample_points`).
-PATCH_MODE = "bilinear"
-
 
 def sqrt_samples(pats: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Square root of samples of the raw pattern: only the sampled points are square-rooted
-    (cheaper than the whole detector; the template is built the same way)."""
+    """Square root of interpolated samples of the raw pattern (angular search only: the
+    refinement reads exact pixels, see :func:`gather_patches`)."""
     return torch.sqrt(torch.clamp(sample_points(pats, pos, mode), min=0))
 
-__all__ = ["DiskTemplate", "make_template", "lattice_points", "refine", "angular_search",
-           "fit_lattice"]
+__all__ = ["DiskTemplate", "make_template", "gather_patches", "lattice_points", "refine",
+           "angular_search", "fit_lattice"]
+
+
+#: Sub-pixel phases per pixel at which the disk's least-squares problem is tabulated. The
+#: template is evaluated at the tabulated phase nearest each disk's predicted position and
+#: the fitted shift is taken from there, so the quantisation costs no precision.
+PHASES = 32
 
 
 @dataclass
 class DiskTemplate:
-    """Patch offsets ``(P, 2)`` pixels and the design matrix (8 columns, see
-    :func:`make_template`) with its pseudo-inverse; the shift is the last two coefficients."""
+    """A continuous, radially symmetric disk profile and the patch it is matched on.
+
+    ``offsets`` ``(P, 2)``: integer pixel offsets of the patch around a disk's nearest pixel;
+    ``profile`` / ``slope``: the square-rooted beam profile ``T(rho)`` (normalised to unit
+    contrast) and its derivative, tabulated every ``step`` pixels of radius. ``pinv``
+    ``(F, 6, P)``, ``gram`` ``(F, 6, 6)`` and ``g00`` ``(F,)``: the pseudo-inverse, the normal
+    matrix and the gain's variance factor of the 6-column design matrix (see :func:`refine`)
+    at each of the ``F = (PHASES + 1)^2`` sub-pixel phases."""
 
     offsets: torch.Tensor
-    pinv: torch.Tensor
-    design: torch.Tensor
+    profile: torch.Tensor
+    slope: torch.Tensor
+    step: float
     radius: float
+    pinv: torch.Tensor
+    gram: torch.Tensor
+    g00: torch.Tensor
 
     def to(self, device: str | torch.device) -> DiskTemplate:
-        return DiskTemplate(self.offsets.to(device), self.pinv.to(device),
-                            self.design.to(device), self.radius)
+        return DiskTemplate(self.offsets.to(device), self.profile.to(device),
+                            self.slope.to(device), self.step, self.radius,
+                            self.pinv.to(device), self.gram.to(device), self.g00.to(device))
+
+    def evaluate(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``T(|v|)`` and its gradient ``(dT/dv0, dT/dv1)`` at offsets ``v`` ``(..., 2)``
+        (linear interpolation in the table; constant beyond it)."""
+        rho = torch.sqrt((v * v).sum(-1))
+        x = rho / self.step
+        n = self.profile.shape[0]
+        i0 = torch.clamp(x.floor(), max=n - 2)
+        w = (x - i0).clamp(0, 1)
+        i0 = i0.long()
+        T = torch.lerp(self.profile[i0], self.profile[i0 + 1], w)
+        dT = torch.lerp(self.slope[i0], self.slope[i0 + 1], w)
+        g = (dT / rho.clamp_min(1e-6))[..., None] * v
+        return T, g[..., 0], g[..., 1]
 
 
-def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float) -> DiskTemplate:
-    """Mean square-rooted direct-beam profile of raw patterns ``(B,Qx,Qy)`` around ``centres``.
-
-    Sampling at each pattern's own (sub-pixel) centre averages over pixel phases, so the
-    template already contains the blur that bilinear sampling adds during matching.
-    """
+def _patch_offsets(r: float, device: torch.device) -> tuple[torch.Tensor, int]:
     h = int(np.ceil(r)) + 2
     ii, jj = np.mgrid[-h:h + 1, -h:h + 1]
     keep = ii ** 2 + jj ** 2 <= (h + 0.5) ** 2
-    off = torch.tensor(np.stack([ii[keep], jj[keep]], 1), dtype=torch.float32,
-                       device=pats.device)
+    off = torch.tensor(np.stack([ii[keep], jj[keep]], 1), dtype=torch.long, device=device)
+    return off, h
 
-    def mean_at(shift: tuple[float, float]) -> torch.Tensor:
-        pos = centres[:, None, :] + off[None] + torch.tensor(shift, device=off.device)
-        return sqrt_samples(pats, pos, PATCH_MODE).mean(0)
 
-    T = mean_at((0.0, 0.0))
-    Tr = mean_at((0.5, 0.0)) - mean_at((-0.5, 0.0))
-    Tc = mean_at((0.0, 0.5)) - mean_at((0.0, -0.5))
+def gather_patches(pats: torch.Tensor, pos: torch.Tensor, off: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact pixel values (square-rooted) of ``pats`` ``(B,Qx,Qy)`` at the integer ``off``
+    ``(P,2)`` around the pixel nearest each ``pos`` ``(B,K,2)`` - never interpolated (an
+    interpolated pattern is blurred by an amount that depends on the sub-pixel phase, which
+    locks fitted positions to the pixel grid).
+
+    Returns ``(patch (B,K,P), frac (B,K,2))``: the patch's offsets from ``pos`` are
+    ``off - frac``. A patch that would leave the detector is moved inside it (``frac`` then
+    exceeds half a pixel; callers treat such disks as outside)."""
+    B, Q0, Q1 = pats.shape
+    h = int(off.abs().max())
+    base = torch.round(pos)
+    lo = torch.tensor([h, h], dtype=pos.dtype, device=pos.device)
+    hi = torch.tensor([max(h, Q0 - 1 - h), max(h, Q1 - 1 - h)], dtype=pos.dtype,
+                      device=pos.device)
+    base = torch.minimum(torch.maximum(base, lo), hi)
+    frac = pos - base
+    bl = base.long()
+    start = (torch.arange(B, device=pats.device)[:, None] * (Q0 * Q1)
+             + bl[..., 0] * Q1 + bl[..., 1])  # (B,K)
+    flat = start[..., None] + (off[:, 0] * Q1 + off[:, 1])  # (B,K,P)
+    vals = pats.reshape(-1)[flat.reshape(-1)].reshape(flat.shape)
+    return torch.sqrt(torch.clamp(vals, min=0)), frac
+
+
+def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
+                  step: float = 0.05) -> DiskTemplate:
+    """Super-resolved square-rooted direct-beam profile of raw patterns ``(B,Qx,Qy)``.
+
+    The beam pixels of every pattern are binned by their exact distance from that pattern's
+    own sub-pixel ``centres`` into fine radial bins (``step`` px; kernel regression with a
+    0.1 px Gaussian, widened where the bins are sparse). The patterns' different sub-pixel
+    phases fill the bins in, so the profile is continuous and carries no pixel-phase blur;
+    each pattern is normalised by its own centre level first (beam intensities vary)."""
+    off, h = _patch_offsets(r, pats.device)
+    vals, frac = gather_patches(pats, centres[:, None, :].to(pats.dtype), off)
+    vals, frac = vals[:, 0].double(), frac[:, 0].double()  # (B,P), (B,2)
+    rho = torch.linalg.norm(off[None].double() - frac[:, None, :], dim=-1)  # (B,P)
+    core = rho <= max(0.5 * r, 1.5)
+    level = (vals * core).sum(1) / core.sum(1).clamp_min(1)
+    good = level > 0
+    if not bool(good.any()):
+        raise ValueError("the direct beam is flat: cannot build a disk template")
+    vals = vals[good] / level[good, None]
+    rho = rho[good]
+    n = int(np.ceil((h * np.sqrt(2) + 1.0) / step)) + 2
+    x = (rho / step).reshape(-1)
+    y = vals.reshape(-1)
+    i0 = x.floor().long().clamp(max=n - 2)
+    w = (x - i0).clamp(0, 1)
+    S = torch.zeros(n, dtype=torch.float64)
+    W = torch.zeros(n, dtype=torch.float64)
+    S.index_add_(0, i0, y * (1 - w)).index_add_(0, i0 + 1, y * w)
+    W.index_add_(0, i0, 1 - w).index_add_(0, i0 + 1, w)
+
+    def smooth(a: torch.Tensor, sigma_px: float) -> torch.Tensor:
+        s = sigma_px / step
+        k = int(np.ceil(3 * s))
+        t = torch.arange(-k, k + 1, dtype=torch.float64)
+        ker = torch.exp(-0.5 * (t / s) ** 2)
+        # mirror at rho = 0 (the profile is even in rho)
+        ap = torch.cat([a[1:k + 1].flip(0), a, a[-1:].expand(k)])
+        return torch.nn.functional.conv1d(ap[None, None], ker[None, None])[0, 0]
+
+    T = torch.full((n,), float("nan"), dtype=torch.float64)
+    for sig in (1.0, 0.3, 0.1):  # coarse first, finer where the bins are well filled
+        Ws = smooth(W, sig)
+        fine = smooth(S, sig) / Ws.clamp_min(1e-30)
+        use = Ws > (3.0 * sig / step) if sig < 1.0 else Ws > 0
+        T = torch.where(use, fine, T)
+    if bool(torch.isnan(T).any()):
+        T = torch.where(torch.isnan(T), torch.nan_to_num(T, nan=0.0)[~torch.isnan(T)][-1], T)
     scale = float(T.max() - T.min())
     if not scale > 0:
         raise ValueError("the direct beam is flat: cannot build a disk template")
-    # columns: gain, offset, background ramp (2), gain ramp inside the disk (2), shift (2).
-    # Ramps are odd functions like the edge gradients; left out, a sloping diffuse background
-    # or an intensity gradient across a disk would read as a shift.
-    o = off / h
-    Tn = T / scale
-    D = torch.stack([Tn, torch.ones_like(T), o[:, 0], o[:, 1], -Tr / scale, -Tc / scale], 1)
-    pinv = torch.linalg.pinv(D.double()).float()
-    return DiskTemplate(off, pinv, D, float(r))
+    dT = torch.gradient(T, spacing=step)[0]
+    dT[0] = 0.0
+    tpl = DiskTemplate(off, (T / scale).float(), (dT / scale).float(), step, float(r),
+                       torch.empty(0), torch.empty(0), torch.empty(0))
+    # the design matrix at every tabulated sub-pixel phase
+    ph = torch.arange(-PHASES // 2, PHASES // 2 + 1, dtype=torch.float64) / PHASES
+    fr = torch.stack(torch.meshgrid(ph, ph, indexing="ij"), -1).reshape(-1, 2)  # (F,2)
+    v = off.double()[None] - fr[:, None, :]  # (F,P,2)
+    Tv, gr, gc = tpl.evaluate(v.float())
+    Tv, gr, gc = Tv.double(), gr.double(), gc.double()
+    # columns: gain, offset, background ramp (2), shift (2). The ramps are odd functions like
+    # the edge gradients; left out, a sloping diffuse background would read as a shift.
+    D = torch.stack([Tv, torch.ones_like(Tv), v[..., 0] / h, v[..., 1] / h, -gr, -gc], -1)
+    G = D.transpose(1, 2) @ D
+    Ginv = torch.linalg.inv(G)
+    tpl.pinv = (Ginv @ D.transpose(1, 2)).float().to(pats.device)
+    tpl.gram = G.float().to(pats.device)
+    tpl.g00 = Ginv[:, 0, 0].float().to(pats.device)
+    tpl.profile, tpl.slope = tpl.profile.to(pats.device), tpl.slope.to(pats.device)
+    return tpl
 
 
 def lattice_points(g1: np.ndarray, g2: np.ndarray, pmax: float) -> np.ndarray:
@@ -157,19 +259,24 @@ def refine(
     K, npix = P.shape[0], tpl.offsets.shape[0]
     h = float(tpl.offsets.abs().max())
     X = torch.cat([P, torch.ones(K, 1, dtype=P.dtype, device=P.device)], 1)  # (K,3)
-    G = (tpl.design.T.double() @ tpl.design.double())
-    G32 = G.float()
-    # variance of the gain estimate per unit noise: for the significance test
-    g00 = torch.linalg.inv(G)[0, 0].float()
+    ncol = tpl.pinv.shape[1]
     n_ok = torch.zeros(B, dtype=torch.long, device=A.device)
     for _ in range(max(1, steps)):
         pos = t[:, None, :] + L * torch.einsum("bxy,ky->bkx", A, P)  # (B,K,2)
-        pts = (pos[:, :, None, :] + tpl.offsets).reshape(B, K * npix, 2)
-        patch = sqrt_samples(pats, pts, PATCH_MODE).reshape(B, K, npix)
-        coef = patch @ tpl.pinv.T  # (B,K,8)
+        # exact pixels around each disk's nearest pixel; the continuous template is evaluated
+        # at the disk's sub-pixel phase (tabulated every 1/PHASES px: the shift is then
+        # measured from the tabulated phase ``fq``)
+        patch, frac = gather_patches(pats, pos, tpl.offsets)  # (B,K,npix), (B,K,2)
+        iq = torch.round(frac * PHASES).clamp(-(PHASES // 2), PHASES // 2)
+        fq = iq / PHASES
+        iq = iq.long() + PHASES // 2
+        ph = iq[..., 0] * (PHASES + 1) + iq[..., 1]  # (B,K)
+        coef = (tpl.pinv[ph] @ patch[..., None])[..., 0]  # (B,K,6)
         # residual power without forming the residual: |p|^2 - c^T (D^T D) c
-        fitted = torch.einsum("bki,ij,bkj->bk", coef, G32, coef)
-        sigma2 = ((patch * patch).sum(-1) - fitted).clamp(min=0) / max(1, npix - G.shape[0])
+        fitted = torch.einsum("bki,bkij,bkj->bk", coef, tpl.gram[ph], coef)
+        sigma2 = ((patch * patch).sum(-1) - fitted).clamp(min=0) / max(1, npix - ncol)
+        # variance of the gain estimate per unit noise: for the significance test
+        g00 = tpl.g00[ph]
         a = coef[..., 0]
         inside = ((pos[..., 0] > h) & (pos[..., 0] < Q0 - 1 - h)
                   & (pos[..., 1] > h) & (pos[..., 1] < Q1 - 1 - h))
@@ -179,7 +286,7 @@ def refine(
         snr = a / torch.sqrt(sigma2 * g00 + floor)
         ok = inside & (snr > min_snr)
         a_safe = torch.where(ok, a, torch.ones_like(a))
-        d = (coef[..., -2:] / a_safe[..., None]).clamp(-h / 2, h / 2)
+        d = (coef[..., -2:] / a_safe[..., None]).clamp(-h / 2, h / 2) + (fq - frac)
         if disk_weights is None:
             w = torch.where(ok, a ** 2, torch.zeros_like(a))  # (B,K)
         else:
