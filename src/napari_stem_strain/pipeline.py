@@ -13,7 +13,7 @@ import numpy as np
 
 from .io.results import MethodMaps
 from .methods.base import BlockMethod, MethodResult, ProgressCallback, StopCallback
-from .strain import format_region, parse_region
+from .strain import check_region, format_region
 
 __all__ = [
     "METHODS",
@@ -122,7 +122,7 @@ def run_methods(
     """
     names = expand_methods(methods)
     if reference is not None:
-        parse_region(reference)
+        check_region(reference, dataset.scan_shape)  # refuse a wrong region before the work
     source = str(getattr(dataset, "source", "") or "")
     out: dict[str, MethodMaps] = {}
     for i, name in enumerate(names):

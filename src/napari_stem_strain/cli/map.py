@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
+        n_groups = 2 if args.method == "both" else 1
+        # per group: 4 maps + A + A_raw (float32) + sample (bool), plus HDF5 overhead
+        check_writable(args.out, needed_bytes=n_groups * ds.scan_shape[0] * ds.scan_shape[1]
+                       * (4 * 4 + 2 * 16 + 1) + 2**20)
         truth = read_ground_truth(args.file) if args.file.suffix.lower() in {".h5", ".hdf5"} \
             else None
         reference = args.reference or (truth.reference if truth is not None else None)

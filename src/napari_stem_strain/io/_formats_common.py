@@ -240,7 +240,7 @@ def probe(path: Path, data: Any, what: str = "data") -> None:
         for idx in ((0, 0), (shape[0] - 1, shape[1] - 1)):
             block = data[idx[0]:idx[0] + 1, idx[1]:idx[1] + 1]
             if hasattr(block, "compute"):
-                block = block.compute()
+                block = block.compute(scheduler="threads")
             np.asarray(block)
     except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
         raise fail(path, f"cannot read the {what} (truncated or corrupt file?): "

@@ -144,6 +144,10 @@ def write_results(
             out.attrs["software_version"] = f"napari-stem-strain {__version__}"
             out.attrs["layout"] = "napari-stem-strain results v1 (CONVENTIONS.md)"
         os.replace(tmp, path)
+    except RuntimeError as err:
+        # h5py reports a failed flush on close (disk full, file-size limit) as RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {str(err).splitlines()[0]}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
