@@ -328,7 +328,9 @@ class Py4DSTEMMethod(BlockMethod):
         """Raw ``A`` ``(n, Ry, 2, 2)`` (NaN where unfitted or vacuum) and the sample mask."""
         st = self._state()
         n, Ry = block.shape[:2]
-        flat = np.asarray(block, np.float32).reshape(n * Ry, *block.shape[2:])
+        flat, broken = _clean_patterns(
+            np.asarray(block, np.float32).reshape(n * Ry, *block.shape[2:])
+        )
         with _no_new_figures():
             found = _detect(flat, st, st.threshold)
         A = np.full((n * Ry, 2, 2), np.nan, np.float32)
@@ -343,7 +345,7 @@ class Py4DSTEMMethod(BlockMethod):
                                 max_rms=st.max_rms)
             if self.sample_mask is None and st.vacuum_threshold is not None:
                 sample[i] = res.signal > st.vacuum_threshold
-            if sample[i] and res.fit is not None:
+            if sample[i] and res.fit is not None and not broken[i]:
                 A[i] = res.fit.G @ binv
         return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
 
@@ -532,7 +534,7 @@ def _sample_positions(dataset: Any, n_max: int) -> tuple[np.ndarray, np.ndarray]
         row = dataset.read_rows(int(r), int(r) + 1)[0]
         pats.append(row[cols])
         pos.extend((int(r), int(c)) for c in cols)
-    return np.array(pos), np.concatenate(pats, axis=0).astype(np.float64)
+    return np.array(pos), _clean_patterns(np.concatenate(pats, axis=0).astype(np.float64))[0]
 
 
 def _read_region(dataset: Any, region: tuple[slice, slice], n_max: int) -> np.ndarray:
@@ -544,7 +546,24 @@ def _read_region(dataset: Any, region: tuple[slice, slice], n_max: int) -> np.nd
         raise ValueError(f"reference region {r0}:{r1},{c0}:{c1} is empty or outside the scan")
     step = max(1, int(np.ceil(np.sqrt((r1 - r0) * (c1 - c0) / n_max))))
     out = [dataset.read_rows(r, r + 1)[0, c0:c1:step] for r in range(r0, r1, step)]
-    return np.concatenate(out, axis=0).astype(np.float64)
+    return _clean_patterns(np.concatenate(out, axis=0).astype(np.float64))[0]
+
+
+def _clean_patterns(pats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Patterns fit for detection, and which of them held NaN/inf pixels.
+
+    A non-finite pixel (a dead or saturated-and-flagged detector pixel, a broken frame) must not
+    poison the data-derived thresholds of the whole scan, nor be fitted as if it were data: such
+    patterns are zeroed (so they read as 'no lattice') and reported so their position stays
+    unfitted. Negative values (dark-reference subtraction gone below zero) are clipped to zero,
+    which keeps every count-based statistic meaningful.
+    """
+    finite = np.isfinite(pats)
+    broken = ~finite.reshape(len(pats), -1).all(axis=1)
+    clean = np.where(finite, pats, 0)
+    np.maximum(clean, 0, out=clean)
+    clean[broken] = 0
+    return clean, broken
 
 
 # ---------------------------------------------------------------------- public helpers

@@ -55,9 +55,10 @@ class DiskTemplate:
     ``offsets`` ``(P, 2)``: integer pixel offsets of the patch around a disk's nearest pixel;
     ``profile`` / ``slope``: the square-rooted beam profile ``T(rho)`` (normalised to unit
     contrast) and its derivative, tabulated every ``step`` pixels of radius. ``pinv``
-    ``(F, 6, P)``, ``gram`` ``(F, 6, 6)`` and ``g00`` ``(F,)``: the pseudo-inverse, the normal
-    matrix and the gain's variance factor of the 6-column design matrix (see :func:`refine`)
-    at each of the ``F = (PHASES + 1)^2`` sub-pixel phases."""
+    ``(2F, 6, P)``, ``gram`` ``(2F, 6, 6)`` and ``g00`` ``(2F,)``: the pseudo-inverse, the
+    normal matrix and the gain's variance factor of the 6-column design matrix (see
+    :func:`make_template`) at each of the ``F = (PHASES + 1)^2`` sub-pixel phases, for the
+    coarse (first ``F``) and the sharp shift derivative."""
 
     offsets: torch.Tensor
     profile: torch.Tensor
@@ -176,12 +177,21 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     dT[0] = 0.0
     tpl = DiskTemplate(off, (T / scale).float(), (dT / scale).float(), step, float(r),
                        torch.empty(0), torch.empty(0), torch.empty(0))
-    # the design matrix at every tabulated sub-pixel phase
+    # the design matrix at every tabulated sub-pixel phase, at two levels: the first
+    # Gauss-Newton step uses the shift derivative as a difference over one pixel (the gradient
+    # of a box-blurred template: a wider capture range for disks far from their guess), the
+    # later ones the exact gradient of the sharp template
     ph = torch.arange(-PHASES // 2, PHASES // 2 + 1, dtype=torch.float64) / PHASES
     fr = torch.stack(torch.meshgrid(ph, ph, indexing="ij"), -1).reshape(-1, 2)  # (F,2)
     v = off.double()[None] - fr[:, None, :]  # (F,P,2)
-    Tv, gr, gc = tpl.evaluate(v.float())
-    Tv, gr, gc = Tv.double(), gr.double(), gc.double()
+    vf = v.float()
+    Tv, gr, gc = (x.double() for x in tpl.evaluate(vf))
+    e0 = torch.tensor([0.5, 0.0])
+    e1 = torch.tensor([0.0, 0.5])
+    br = (tpl.evaluate(vf + e0)[0] - tpl.evaluate(vf - e0)[0]).double()
+    bc = (tpl.evaluate(vf + e1)[0] - tpl.evaluate(vf - e1)[0]).double()
+    Tv, gr, gc = Tv.repeat(2, 1), torch.cat([br, gr]), torch.cat([bc, gc])
+    v = v.repeat(2, 1, 1)
     # columns: gain, offset, background ramp (2), shift (2). The ramps are odd functions like
     # the edge gradients; left out, a sloping diffuse background would read as a shift.
     D = torch.stack([Tv, torch.ones_like(Tv), v[..., 0] / h, v[..., 1] / h, -gr, -gc], -1)
@@ -261,7 +271,9 @@ def refine(
     X = torch.cat([P, torch.ones(K, 1, dtype=P.dtype, device=P.device)], 1)  # (K,3)
     ncol = tpl.pinv.shape[1]
     n_ok = torch.zeros(B, dtype=torch.long, device=A.device)
-    for _ in range(max(1, steps)):
+    nph = (PHASES + 1) ** 2
+    for step in range(max(1, steps)):
+        level = nph if (step > 0 or steps < 2) else 0  # first of several steps: coarse
         pos = t[:, None, :] + L * torch.einsum("bxy,ky->bkx", A, P)  # (B,K,2)
         # exact pixels around each disk's nearest pixel; the continuous template is evaluated
         # at the disk's sub-pixel phase (tabulated every 1/PHASES px: the shift is then
@@ -270,7 +282,7 @@ def refine(
         iq = torch.round(frac * PHASES).clamp(-(PHASES // 2), PHASES // 2)
         fq = iq / PHASES
         iq = iq.long() + PHASES // 2
-        ph = iq[..., 0] * (PHASES + 1) + iq[..., 1]  # (B,K)
+        ph = level + iq[..., 0] * (PHASES + 1) + iq[..., 1]  # (B,K)
         coef = (tpl.pinv[ph] @ patch[..., None])[..., 0]  # (B,K,6)
         # residual power without forming the residual: |p|^2 - c^T (D^T D) c
         fitted = torch.einsum("bki,bkij,bkj->bk", coef, tpl.gram[ph], coef)
