@@ -185,3 +185,38 @@ def test_model_choices_reach_the_pipeline(setup, wait_task, toy_methods, monkeyp
     assert fits[0]["dataset"] is session.dataset
     assert fits[0]["reference"] == session.reference_region()
     assert toy_methods["made"][-1][1]["model"] == fits[0]["out"]
+
+
+def test_dask_cluster_from_settings_maps_the_same(setup, wait_task, toy_methods, errors,
+                                                  monkeypatch, tmp_path):
+    """The dock's Dask address (kept in the plugin settings) sends the blocks to a real local
+    cluster; the maps equal those of a run on this machine."""
+    from qtpy.QtCore import QSettings
+
+    from napari_stem_strain._widgets import mapping
+
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
+    viewer, w = setup()
+    session = get_session(viewer)
+    w.use_ae.setChecked(False)
+    wait_task(w.run())
+    here = session.raw_results["py4dstem"].A_raw.copy()
+    from napari_stem_strain import distributed
+
+    real, calls = distributed.run_method_dask, []
+
+    def counted(method, dataset, address, **kw):
+        calls.append(address)
+        return real(method, dataset, address, **kw)
+
+    monkeypatch.setattr(distributed, "run_method_dask", counted)
+    w.dask_address.setText("local:1")
+    task = w.run()
+    wait_task(task, timeout=120_000)
+    assert task.status == "done", errors()
+    assert calls == ["local:1"]  # the blocks really went to the cluster
+    np.testing.assert_array_equal(session.raw_results["py4dstem"].A_raw, here)
+    assert mapping._settings().value(mapping.DASK_KEY) == "local:1"
+    # a new dock starts with the remembered address
+    assert mapping.MappingWidget(viewer).dask_address.text() == "local:1"

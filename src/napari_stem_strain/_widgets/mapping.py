@@ -43,6 +43,14 @@ __all__ = ["MappingWidget", "MODEL_SHIPPED", "MODEL_FILE", "MODEL_FIT"]
 MODEL_SHIPPED = "shipped model"
 MODEL_FILE = "model file..."
 MODEL_FIT = "fit on this dataset now"
+DASK_KEY = "mapping/dask_address"
+
+
+def _settings() -> Any:
+    """The plugin's persistent settings (Qt's per-user store)."""
+    from qtpy.QtCore import QSettings
+
+    return QSettings("napari-stem-strain", "napari-stem-strain")
 
 
 def _probe_devices() -> tuple[list[str], str]:
@@ -111,6 +119,14 @@ class MappingWidget(QWidget):
         self._fill_devices()
         form.addRow("device", self.device)
         form.addRow(self.device_info)
+        # a Dask cluster to spread the scan over; remembered between sessions (QSettings)
+        self.dask_address = QLineEdit(str(_settings().value(DASK_KEY, "") or ""))
+        self.dask_address.setPlaceholderText("none (this machine); tcp://host:8786 or local:2")
+        self.dask_address.setToolTip("Dask scheduler address: the scan is split into blocks "
+                                     "mapped by the cluster's workers (same result file)")
+        self.dask_address.editingFinished.connect(
+            lambda: _settings().setValue(DASK_KEY, self.dask_address.text().strip()))
+        form.addRow("Dask cluster", self.dask_address)
 
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
@@ -243,6 +259,9 @@ class MappingWidget(QWidget):
                 notify_error(f"model file {model!r} does not exist: choose a fitted model")
                 return None
         fit_epochs = self.epochs.value() if "ae" in methods and choice == MODEL_FIT else 0
+        dask_address = self.dask_address.text().strip() or None
+        if dask_address:
+            _settings().setValue(DASK_KEY, dask_address)
 
         def job(progress: Any, should_stop: Any) -> Any:
             from ..pipeline import run_methods
@@ -257,7 +276,8 @@ class MappingWidget(QWidget):
                                    reference=region, device=device)
                 use_model = fitted if fitted is not None else out
             return run_methods(ds, methods, reference=region, model=use_model, device=device,
-                               progress=progress, should_stop=should_stop)
+                               progress=progress, should_stop=should_stop,
+                               dask_address=dask_address)
 
         names = " + ".join(method_label(m) for m in methods)
         self.status.setText(f"running {names} ...")

@@ -1,7 +1,7 @@
 """Pattern preprocessing shared by fitting, mapping and the probe inspector.
 
 Why not the public implementation's 800x800 upsampling: precision comes from the per-pattern
-refinement (:mod:`.refine`), which samples the *raw* pattern at sub-pixel positions, so the
+refinement (:mod:`.refine`), which reads the *raw* pattern's exact pixels, so the
 encoder only needs a small, coarse, *normalised* view. Every pattern is
 
 1. centred on its own direct beam (thresholded centre of mass: robust to descan, unbiased for a

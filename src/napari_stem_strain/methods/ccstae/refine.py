@@ -3,15 +3,18 @@
 The encoder is fast but coarse (a 32x32 view). Precision comes from a few batched
 Gauss-Newton steps on the *raw* (square-rooted) pattern, starting from the encoder's guess:
 
-* **Per-disk, intensity-free matching.** Around each predicted disk position the pattern is
-  sampled on a small patch and fitted as ``a T(o - d) + b + ramp . o`` (``T`` = the data's own
-  mean direct beam profile, ``a`` a free per-disk gain, ``b`` and ``ramp`` a free local
-  background and its slope). Linearised in ``d`` this is one fixed 6-column least-squares
-  problem, so its pseudo-inverse is computed once and
-  every disk of every pattern costs one small matrix product. Free gain and offset per disk is
+* **Per-disk, intensity-free matching.** Around each predicted disk position the pattern's
+  *exact pixels* (never interpolated: interpolation blurs by an amount that depends on the
+  sub-pixel phase, which locks fitted positions to the pixel grid) are fitted as
+  ``a T(o - f - d) + b + ramp . o`` (``T`` = a continuous radial profile of the data's own
+  direct beam, ``f`` the disk's sub-pixel phase, ``a`` a free per-disk gain, ``b`` and
+  ``ramp`` a free local background and its slope). Linearised in ``d`` this is a 6-column
+  least-squares problem that depends only on ``f``; its pseudo-inverse is tabulated once per
+  1/32 px phase, so every disk of every pattern costs one small matrix product. Free gain and
+  offset per disk is
   what makes this cope with dynamical scattering (intensities changing from position to
   position), first-order disks holding <1 % of the beam and diffuse background - no threshold
-  or template relative to the direct beam's intensity anywhere.
+  or template relative to the direct beam's intensity.
 * **Global affine update.** The disk shifts are combined by weighted least squares
   (weight ``a^2``: the position variance of a disk under uniform sqrt-Poisson noise scales as
   ``1/a^2``) into an update of ``A`` and of the beam position ``t`` (the undiffracted disk at
@@ -168,8 +171,10 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
         fine = smooth(S, sig) / Ws.clamp_min(1e-30)
         use = Ws > (3.0 * sig / step) if sig < 1.0 else Ws > 0
         T = torch.where(use, fine, T)
-    if bool(torch.isnan(T).any()):
-        T = torch.where(torch.isnan(T), torch.nan_to_num(T, nan=0.0)[~torch.isnan(T)][-1], T)
+    known = ~torch.isnan(T)
+    if not bool(known.any()):
+        raise ValueError("the direct beam is flat: cannot build a disk template")
+    T = torch.where(known, T, T[known][-1])  # beyond the sampled radii: the outermost level
     scale = float(T.max() - T.min())
     if not scale > 0:
         raise ValueError("the direct beam is flat: cannot build a disk template")
