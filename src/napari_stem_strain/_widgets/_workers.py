@@ -126,6 +126,10 @@ class Task:
             self.status = "cancelled"
             return
         self.status = "done"
+        # a finished run is complete: fill the bar even if the last queued progress signal has
+        # not been delivered yet (signals from the worker thread are not ordered with this one)
+        if self.pbar.total and self.pbar.n < self.pbar.total:
+            self.pbar.update(self.pbar.total - self.pbar.n)
         if self._on_done is not None:
             try:
                 self._on_done(result)
