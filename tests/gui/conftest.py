@@ -143,3 +143,14 @@ def wait_task(qtbot):
         qtbot.waitUntil(lambda: task not in running_tasks(), timeout=timeout)
 
     return wait
+
+
+@pytest.fixture(autouse=True)
+def private_plugin_settings(tmp_path_factory):
+    """Every GUI test gets an empty settings store of its own: a remembered choice (e.g. a Dask
+    address) must neither leak between tests nor touch the user's real settings."""
+    from qtpy.QtCore import QSettings
+
+    folder = tmp_path_factory.mktemp("qsettings")
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(folder))
+    yield folder

@@ -191,12 +191,8 @@ def test_dask_cluster_from_settings_maps_the_same(setup, wait_task, toy_methods,
                                                   monkeypatch, tmp_path):
     """The dock's Dask address (kept in the plugin settings) sends the blocks to a real local
     cluster; the maps equal those of a run on this machine."""
-    from qtpy.QtCore import QSettings
-
     from napari_stem_strain._widgets import mapping
 
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
     viewer, w = setup()
     session = get_session(viewer)
     w.use_ae.setChecked(False)

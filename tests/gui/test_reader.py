@@ -26,7 +26,7 @@ def test_get_reader_accepts_only_supported_single_files(tmp_path):
     assert napari_get_reader(str(tmp_path / "scan.blo")) is _reader.read_4dstem
 
 
-def test_open_py4dstem_file_gives_virtual_images_with_scale(make_napari_viewer, formats):
+def test_open_py4dstem_file_gives_virtual_images_with_scale(formats, make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open(str(formats / "py4DSTEM_size2x3x4x5.h5"), plugin=PLUGIN)
     nav = _nav(viewer)
@@ -43,7 +43,7 @@ def test_open_py4dstem_file_gives_virtual_images_with_scale(make_napari_viewer, 
     assert len(adf) == 1 and adf[0].data.shape == (2, 3)
 
 
-def test_open_blockfile(make_napari_viewer, formats):
+def test_open_blockfile(formats, make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open(str(formats / "test1.blo"), plugin=PLUGIN)
     nav = _nav(viewer)
@@ -52,7 +52,7 @@ def test_open_blockfile(make_napari_viewer, formats):
     assert nav.metadata["stem_strain"]["dataset"].pattern_shape == (144, 144)
 
 
-def test_file_with_two_4d_arrays_asks_which(make_napari_viewer, formats, monkeypatch):
+def test_file_with_two_4d_arrays_asks_which(formats, make_napari_viewer, monkeypatch):
     asked = {}
 
     def choose(path, names):
@@ -67,7 +67,7 @@ def test_file_with_two_4d_arrays_asks_which(make_napari_viewer, formats, monkeyp
     assert ds.name == asked["names"][1] and ds.scan_shape == (11, 11)
 
 
-def test_3d_stack_asks_scan_shape(make_napari_viewer, formats, monkeypatch):
+def test_3d_stack_asks_scan_shape(formats, make_napari_viewer, monkeypatch):
     asked = {}
 
     def shape(path, n_frames, message=""):
@@ -81,7 +81,7 @@ def test_3d_stack_asks_scan_shape(make_napari_viewer, formats, monkeypatch):
     assert _nav(viewer).data.shape == (6, 11)
 
 
-def test_cancelled_question_opens_nothing_quietly(make_napari_viewer, formats, monkeypatch,
+def test_cancelled_question_opens_nothing_quietly(formats, make_napari_viewer, monkeypatch,
                                                   errors):
     monkeypatch.setattr(_reader, "ask_scan_shape", lambda *a, **k: None)
     viewer = make_napari_viewer()
@@ -102,7 +102,7 @@ def test_corrupt_file_is_a_notification(make_napari_viewer, tmp_path, errors, co
     assert "Traceback" not in msgs[0]
 
 
-def test_2d_pattern_file_says_not_4d(make_napari_viewer, formats, errors):
+def test_2d_pattern_file_says_not_4d(formats, make_napari_viewer, errors):
     viewer = make_napari_viewer()
     viewer.open(str(formats / "test_diffraction_pattern.dm3"), plugin=PLUGIN)
     assert len(viewer.layers) == 0

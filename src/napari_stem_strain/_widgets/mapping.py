@@ -50,7 +50,8 @@ def _settings() -> Any:
     """The plugin's persistent settings (Qt's per-user store)."""
     from qtpy.QtCore import QSettings
 
-    return QSettings("napari-stem-strain", "napari-stem-strain")
+    return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope,
+                     "napari-stem-strain", "napari-stem-strain")
 
 
 def _probe_devices() -> tuple[list[str], str]:

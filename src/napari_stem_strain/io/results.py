@@ -13,9 +13,12 @@ file copies the other groups across.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,32 @@ def _write_group(h5: h5py.File, m: MethodMaps) -> None:
     g.attrs["software_version"] = f"napari-stem-strain {__version__}"
 
 
+def _raised_by_h5py(err: BaseException) -> bool:
+    """True when the innermost frame of ``err`` lies inside h5py (the HDF5 library failing to
+    write: disk full, file-size limit), not in our code or a caller's."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}h5py{os.sep}" in frames[-1].filename
+
+
+@contextlib.contextmanager
+def _closing_as_oserror(h5: h5py.File, path: Path) -> Iterator[h5py.File]:
+    """Close ``h5`` on the way out. HDF5 reports a failed write or flush (disk full, file-size
+    limit) as RuntimeError; those become the OSError every caller expects from a write."""
+    try:
+        yield h5
+        h5.close()
+    except RuntimeError as err:
+        with contextlib.suppress(Exception):
+            h5.close()
+        if _raised_by_h5py(err):
+            raise OSError(f"cannot write {path}: {str(err).splitlines()[0]}") from err
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            h5.close()
+        raise
+
+
 def write_results(
     path: str | os.PathLike, groups: list[MethodMaps], replace: bool = False
 ) -> Path:
@@ -123,7 +152,7 @@ def write_results(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as out:
+        with _closing_as_oserror(h5py.File(tmp, "w"), path) as out:
             if path.exists() and not replace:
                 try:
                     with h5py.File(path, "r") as old:
@@ -144,10 +173,6 @@ def write_results(
             out.attrs["software_version"] = f"napari-stem-strain {__version__}"
             out.attrs["layout"] = "napari-stem-strain results v1 (CONVENTIONS.md)"
         os.replace(tmp, path)
-    except RuntimeError as err:
-        # h5py reports a failed flush on close (disk full, file-size limit) as RuntimeError
-        Path(tmp).unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {str(err).splitlines()[0]}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
