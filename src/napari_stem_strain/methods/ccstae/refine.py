@@ -10,8 +10,9 @@ Gauss-Newton steps on the *raw* (square-rooted) pattern, starting from the encod
   direct beam, ``f`` the disk's sub-pixel phase, ``a`` a free per-disk gain, ``b`` and
   ``ramp`` a free local background and its slope). Linearised in ``d`` this is a 6-column
   least-squares problem that depends only on ``f``; its pseudo-inverse is tabulated once per
-  1/32 px phase, so every disk of every pattern costs one small matrix product. Free gain and
-  offset per disk is
+  1/32 px phase, so every disk of every pattern costs one small matrix product. Only the
+  first of several steps matches interpolated patches (wider capture range, see
+  :func:`_bilinear_template`). Free gain and offset per disk is
   what makes this cope with dynamical scattering (intensities changing from position to
   position), first-order disks holding <1 % of the beam and diffuse background - no threshold
   or template relative to the direct beam's intensity.
@@ -58,10 +59,11 @@ class DiskTemplate:
     ``offsets`` ``(P, 2)``: integer pixel offsets of the patch around a disk's nearest pixel;
     ``profile`` / ``slope``: the square-rooted beam profile ``T(rho)`` (normalised to unit
     contrast) and its derivative, tabulated every ``step`` pixels of radius. ``pinv``
-    ``(2F, 6, P)``, ``gram`` ``(2F, 6, 6)`` and ``g00`` ``(2F,)``: the pseudo-inverse, the
+    ``(F, 6, P)``, ``gram`` ``(F, 6, 6)`` and ``g00`` ``(F,)``: the pseudo-inverse, the
     normal matrix and the gain's variance factor of the 6-column design matrix (see
-    :func:`make_template`) at each of the ``F = (PHASES + 1)^2`` sub-pixel phases, for the
-    coarse (first ``F``) and the sharp shift derivative."""
+    :func:`make_template`) at each of the ``F = (PHASES + 1)^2`` sub-pixel phases.
+    ``coarse``: the interpolating matcher of the first Gauss-Newton step (see
+    :func:`_bilinear_template`)."""
 
     offsets: torch.Tensor
     profile: torch.Tensor
@@ -71,11 +73,14 @@ class DiskTemplate:
     pinv: torch.Tensor
     gram: torch.Tensor
     g00: torch.Tensor
+    coarse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device: str | torch.device) -> DiskTemplate:
         return DiskTemplate(self.offsets.to(device), self.profile.to(device),
                             self.slope.to(device), self.step, self.radius,
-                            self.pinv.to(device), self.gram.to(device), self.g00.to(device))
+                            self.pinv.to(device), self.gram.to(device), self.g00.to(device),
+                            None if self.coarse is None
+                            else tuple(x.to(device) for x in self.coarse))
 
     def evaluate(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``T(|v|)`` and its gradient ``(dT/dv0, dT/dv1)`` at offsets ``v`` ``(..., 2)``
@@ -182,21 +187,11 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     dT[0] = 0.0
     tpl = DiskTemplate(off, (T / scale).float(), (dT / scale).float(), step, float(r),
                        torch.empty(0), torch.empty(0), torch.empty(0))
-    # the design matrix at every tabulated sub-pixel phase, at two levels: the first
-    # Gauss-Newton step uses the shift derivative as a difference over one pixel (the gradient
-    # of a box-blurred template: a wider capture range for disks far from their guess), the
-    # later ones the exact gradient of the sharp template
+    # the design matrix at every tabulated sub-pixel phase
     ph = torch.arange(-PHASES // 2, PHASES // 2 + 1, dtype=torch.float64) / PHASES
     fr = torch.stack(torch.meshgrid(ph, ph, indexing="ij"), -1).reshape(-1, 2)  # (F,2)
     v = off.double()[None] - fr[:, None, :]  # (F,P,2)
-    vf = v.float()
-    Tv, gr, gc = (x.double() for x in tpl.evaluate(vf))
-    e0 = torch.tensor([0.5, 0.0])
-    e1 = torch.tensor([0.0, 0.5])
-    br = (tpl.evaluate(vf + e0)[0] - tpl.evaluate(vf - e0)[0]).double()
-    bc = (tpl.evaluate(vf + e1)[0] - tpl.evaluate(vf - e1)[0]).double()
-    Tv, gr, gc = Tv.repeat(2, 1), torch.cat([br, gr]), torch.cat([bc, gc])
-    v = v.repeat(2, 1, 1)
+    Tv, gr, gc = (x.double() for x in tpl.evaluate(v.float()))
     # columns: gain, offset, background ramp (2), shift (2). The ramps are odd functions like
     # the edge gradients; left out, a sloping diffuse background would read as a shift.
     D = torch.stack([Tv, torch.ones_like(Tv), v[..., 0] / h, v[..., 1] / h, -gr, -gc], -1)
@@ -206,7 +201,33 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     tpl.gram = G.float().to(pats.device)
     tpl.g00 = Ginv[:, 0, 0].float().to(pats.device)
     tpl.profile, tpl.slope = tpl.profile.to(pats.device), tpl.slope.to(pats.device)
+    tpl.coarse = _bilinear_template(pats, centres, off.to(pats.dtype), h)
     return tpl
+
+
+def _bilinear_template(pats: torch.Tensor, centres: torch.Tensor, off: torch.Tensor, h: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coarse matcher of the first Gauss-Newton step(s): patches *interpolated* at the
+    continuous disk position, against the mean interpolated beam (its shift derivative a
+    difference over one pixel). Interpolation blurs the data and widens the capture range,
+    but biases positions by the sub-pixel phase, so the last step always uses the exact
+    pixels. Returns ``(pinv (6,P), gram (6,6), g00 ())``."""
+    def mean_at(shift: tuple[float, float]) -> torch.Tensor:
+        pos = centres[:, None, :] + off[None] + torch.tensor(shift, device=off.device)
+        return sqrt_samples(pats, pos).mean(0).double()
+
+    T = mean_at((0.0, 0.0))
+    Tr = mean_at((0.5, 0.0)) - mean_at((-0.5, 0.0))
+    Tc = mean_at((0.0, 0.5)) - mean_at((0.0, -0.5))
+    scale = float(T.max() - T.min())
+    if not scale > 0:
+        raise ValueError("the direct beam is flat: cannot build a disk template")
+    o = off.double() / h
+    D = torch.stack([T / scale, torch.ones_like(T), o[:, 0], o[:, 1], -Tr / scale, -Tc / scale],
+                    1)
+    G = D.T @ D
+    Ginv = torch.linalg.inv(G)
+    return (Ginv @ D.T).float(), G.float(), Ginv[0, 0].float()
 
 
 def lattice_points(g1: np.ndarray, g2: np.ndarray, pmax: float) -> np.ndarray:
@@ -276,24 +297,34 @@ def refine(
     X = torch.cat([P, torch.ones(K, 1, dtype=P.dtype, device=P.device)], 1)  # (K,3)
     ncol = tpl.pinv.shape[1]
     n_ok = torch.zeros(B, dtype=torch.long, device=A.device)
-    nph = (PHASES + 1) ** 2
     for step in range(max(1, steps)):
-        level = nph if (step > 0 or steps < 2) else 0  # first of several steps: coarse
+        # the first of several steps matches interpolated patches (wider capture range), the
+        # others - always the last - exact pixels (unbiased)
+        coarse = step == 0 and steps > 1 and tpl.coarse is not None
         pos = t[:, None, :] + L * torch.einsum("bxy,ky->bkx", A, P)  # (B,K,2)
         # exact pixels around each disk's nearest pixel; the continuous template is evaluated
         # at the disk's sub-pixel phase (tabulated every 1/PHASES px: the shift is then
         # measured from the tabulated phase ``fq``)
-        patch, frac = gather_patches(pats, pos, tpl.offsets)  # (B,K,npix), (B,K,2)
-        iq = torch.round(frac * PHASES).clamp(-(PHASES // 2), PHASES // 2)
-        fq = iq / PHASES
-        iq = iq.long() + PHASES // 2
-        ph = level + iq[..., 0] * (PHASES + 1) + iq[..., 1]  # (B,K)
-        coef = (tpl.pinv[ph] @ patch[..., None])[..., 0]  # (B,K,6)
-        # residual power without forming the residual: |p|^2 - c^T (D^T D) c
-        fitted = torch.einsum("bki,bkij,bkj->bk", coef, tpl.gram[ph], coef)
+        if coarse:
+            cp, cg, c00 = tpl.coarse
+            pts = (pos[:, :, None, :] + tpl.offsets.to(pos.dtype)).reshape(B, K * npix, 2)
+            patch = sqrt_samples(pats, pts).reshape(B, K, npix)
+            coef = patch @ cp.T
+            fitted = torch.einsum("bki,ij,bkj->bk", coef, cg, coef)
+            g00 = c00
+            fq = frac = torch.zeros_like(pos)
+        else:
+            patch, frac = gather_patches(pats, pos, tpl.offsets)  # (B,K,npix), (B,K,2)
+            iq = torch.round(frac * PHASES).clamp(-(PHASES // 2), PHASES // 2)
+            fq = iq / PHASES
+            iq = iq.long() + PHASES // 2
+            ph = iq[..., 0] * (PHASES + 1) + iq[..., 1]  # (B,K)
+            coef = (tpl.pinv[ph] @ patch[..., None])[..., 0]  # (B,K,6)
+            # residual power without forming the residual: |p|^2 - c^T (D^T D) c
+            fitted = torch.einsum("bki,bkij,bkj->bk", coef, tpl.gram[ph], coef)
+            # variance of the gain estimate per unit noise: for the significance test
+            g00 = tpl.g00[ph]
         sigma2 = ((patch * patch).sum(-1) - fitted).clamp(min=0) / max(1, npix - ncol)
-        # variance of the gain estimate per unit noise: for the significance test
-        g00 = tpl.g00[ph]
         a = coef[..., 0]
         inside = ((pos[..., 0] > h) & (pos[..., 0] < Q0 - 1 - h)
                   & (pos[..., 1] > h) & (pos[..., 1] < Q1 - 1 - h))
