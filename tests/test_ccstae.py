@@ -263,3 +263,33 @@ def test_cancel_then_resume_gives_the_uninterrupted_result(scan, tmp_path):
     assert seen == [2, 3] and len(info["history"]) == 3
     for k, v in ref.net.state_dict().items():
         assert torch.equal(v, resumed.net.state_dict()[k]), k
+
+
+def test_cuda_out_of_memory_halves_the_chunk_and_finishes():
+    """On CUDA out-of-memory the GPU chunk is halved until the work fits (no GPU needed: a
+    stand-in engine runs out of memory above 256 patterns per chunk)."""
+    import torch
+
+    from napari_stem_strain.methods.ccstae import CCSTAEMethod
+
+    class TightGPU:
+        device = "cuda"
+        cuda_chunk = 1024
+        tries = 0
+
+        def run(self, pats, offset=0):
+            self.tries += 1
+            if self.cuda_chunk > 256:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+            return {"n": torch.tensor(len(pats))}
+
+    method = CCSTAEMethod.__new__(CCSTAEMethod)
+    method.engine = TightGPU()
+    out = method._run_shrinking(np.zeros((8, 4, 4), np.float32), offset=0)
+    assert int(out["n"]) == 8
+    assert method.engine.cuda_chunk == 256 and method.engine.tries == 3
+    # on the CPU an out-of-memory error is not retried
+    method.engine.device = "cpu"
+    method.engine.cuda_chunk = 1024
+    with pytest.raises(torch.OutOfMemoryError):
+        method._run_shrinking(np.zeros((8, 4, 4), np.float32), offset=0)

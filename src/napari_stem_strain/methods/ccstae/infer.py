@@ -11,6 +11,7 @@ so every block is processed independently: one block or many gives identical res
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..base import BlockMethod, MethodResult, ProgressCallback, StopCallback, ch
 from .modelfile import Model, load_model
 from .preprocess import DataGeometry, as_patterns, beam_centres, encoder_input, measure_geometry
 from .refine import DiskTemplate, angular_search, lattice_points, make_template, refine
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_patterns"]
 
@@ -164,9 +167,12 @@ class Engine:
             outs.append({k: v[:m] for k, v in o.items()})
         return {k: torch.cat([o[k] for o in outs])[lead:lead + n] for k in outs[0]}
 
+    #: patterns per fixed-shape chunk; halved on CUDA out-of-memory (see ``CCSTAEMethod``)
+    cuda_chunk: int = 1024
+
     @property
     def chunk(self) -> int:
-        return 1024 if self.device == "cuda" else 64
+        return self.cuda_chunk if self.device == "cuda" else 64
 
     def _run(self, pats: torch.Tensor, init: str) -> dict[str, torch.Tensor]:
         g = self.geom
@@ -267,7 +273,7 @@ class CCSTAEMethod(BlockMethod):
         ok = np.zeros(n * Ry, bool)
         n_found = np.zeros(n * Ry, np.int64)
         for i in range(0, n * Ry, self.batch_size):
-            out = self.engine.run(flat[i:i + self.batch_size], offset=r0 * Ry + i)
+            out = self._run_shrinking(flat[i:i + self.batch_size], offset=r0 * Ry + i)
             A[i:i + self.batch_size] = out["A"].cpu().numpy()
             prob[i:i + self.batch_size] = out["prob"].cpu().numpy()
             n_found[i:i + self.batch_size] = out["n_disks"].cpu().numpy()
@@ -284,6 +290,21 @@ class CCSTAEMethod(BlockMethod):
         if self.prob is not None and self.prob.shape[1] == Ry:
             self.prob[r0:r0 + n] = prob.reshape(n, Ry)
         return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
+
+    def _run_shrinking(self, pats: np.ndarray, offset: int) -> dict[str, torch.Tensor]:
+        """Run the engine; on CUDA out-of-memory halve the GPU chunk and try again, so a
+        smaller GPU (or one shared with other work) still finishes the map. The chunk stays a
+        power of two, so chunks stay aligned to the scan index and results do not change."""
+        while True:
+            try:
+                return self.engine.run(pats, offset=offset)
+            except torch.OutOfMemoryError:
+                if self.engine.device != "cuda" or self.engine.cuda_chunk <= 16:
+                    raise
+                torch.cuda.empty_cache()
+                self.engine.cuda_chunk //= 2
+                log.warning("CUDA out of memory: retrying with chunks of %d patterns",
+                            self.engine.cuda_chunk)
 
     def settings(self) -> dict[str, Any]:
         s: dict[str, Any] = {"model": self.model.source, "device": self.device,
