@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
         # per group: 4 maps + A + A_raw (float32) + sample (bool), plus HDF5 overhead
         check_writable(args.out, needed_bytes=n_groups * ds.scan_shape[0] * ds.scan_shape[1]
                        * (4 * 4 + 2 * 16 + 1) + 2**20)
-        truth = read_ground_truth(args.file) if args.file.suffix.lower() in {".h5", ".hdf5"} \
-            else None
+        truth = read_ground_truth(args.file)  # None unless it is a simulated HDF5 file
         reference = args.reference or (truth.reference if truth is not None else None)
         with ProgressBar("map", quiet=args.quiet, unit="pattern") as bar:
             groups = run_methods(ds, args.method, reference=reference, model=args.model,

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..strain import lattice_symmetry, parse_region
+from ..strain import check_region, lattice_symmetry, parse_region
 from ._py4dstem_lattice import find_basis, index_pattern
 from ._py4dstem_probe import (
     aligned_mean,
@@ -540,10 +540,9 @@ def _sample_positions(dataset: Any, n_max: int) -> tuple[np.ndarray, np.ndarray]
 def _read_region(dataset: Any, region: tuple[slice, slice], n_max: int) -> np.ndarray:
     """Patterns of the reference region (strided to at most ``n_max``)."""
     Rx, Ry = dataset.scan_shape
-    r0, r1, _ = region[0].indices(Rx)
-    c0, c1, _ = region[1].indices(Ry)
-    if r1 <= r0 or c1 <= c0:
-        raise ValueError(f"reference region {r0}:{r1},{c0}:{c1} is empty or outside the scan")
+    rs, cs = check_region(region, (Rx, Ry))
+    r0, r1, _ = rs.indices(Rx)
+    c0, c1, _ = cs.indices(Ry)
     step = max(1, int(np.ceil(np.sqrt((r1 - r0) * (c1 - c0) / n_max))))
     out = [dataset.read_rows(r, r + 1)[0, c0:c1:step] for r in range(r0, r1, step)]
     return _clean_patterns(np.concatenate(out, axis=0).astype(np.float64))[0]
