@@ -72,11 +72,20 @@ class Dataset:
 
     def read_rows(self, r0: int, r1: int, dtype: Any = np.float32) -> np.ndarray:
         """Scan rows ``r0:r1`` as a numpy array of ``dtype`` (a copy, never a view of the file)."""
-        block = self.data[r0:r1]
-        if hasattr(block, "compute"):
-            # threads: never ship a graph over open file handles to a distributed client
-            block = block.compute(scheduler="threads")
-        return np.asarray(block, dtype=dtype)
+        try:
+            block = self.data[r0:r1]
+            if hasattr(block, "compute"):
+                # threads: never ship a graph over open file handles to a distributed client
+                block = block.compute(scheduler="threads")
+            return np.asarray(block, dtype=dtype)
+        except OSError as err:  # damage the open-time probe (first/last pattern) did not reach
+            from .errors import DataError
+
+            what = self.source or self.name or "dataset"
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(
+                f"{what}: cannot read scan rows {r0}:{r1} (truncated or corrupt file?): {detail}"
+            ) from err
 
     def iter_blocks(
         self, max_bytes: int = DEFAULT_BLOCK_BYTES, dtype: Any = np.float32
