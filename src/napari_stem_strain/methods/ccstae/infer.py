@@ -2,7 +2,9 @@
 
 Per block of scan rows, in batches on the chosen device:
 beam centres -> encoder view -> encoder (transform guess + class) -> angular polish ->
-Gauss-Newton refinement against the base lattice (:mod:`.refine`) -> raw ``A``.
+Gauss-Newton refinement against the base lattice (:mod:`.refine`) -> raw ``A``; then, in
+:meth:`CCSTAEMethod.finish`, the last Gauss-Newton step is redone with each disk's intensity
+gradient pooled over neighbouring positions of the same grain (:func:`.refine.pool_gradients`).
 
 Everything global is measured once in :meth:`CCSTAEMethod.prepare` from a few hundred patterns
 spread over the scan (beam position, disk radius, lattice unit, the disk template) and frozen,
@@ -25,7 +27,16 @@ from ...strain import parse_region
 from ..base import BlockMethod, MethodResult, ProgressCallback, StopCallback, check_stop
 from .modelfile import Model, load_model
 from .preprocess import DataGeometry, as_patterns, beam_centres, encoder_input, measure_geometry
-from .refine import DiskTemplate, angular_search, lattice_points, make_template, refine
+from .refine import (
+    DiskTemplate,
+    angular_search,
+    condition,
+    lattice_points,
+    make_template,
+    pool_gradients,
+    pooled_step,
+    refine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +45,9 @@ __all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_pa
 #: Number of base-lattice disks (beam included) the refinement uses: more is more precise,
 #: fewer is faster; 19 = the direct beam and the first three rings of a hexagonal lattice.
 N_DISKS = 19
-#: Combine disk shifts with fixed per-ring weights instead of per-pattern gains (see
-#: :func:`.refine.refine`). Off: measured on the w=0 and w=0.7 benchmark files it helped eyy
-#: at w=0 a little (0.92 -> 0.87e-3) and hurt everything at w=0.7 (1.1 -> 1.3e-3).
-FIXED_WEIGHTS = False
+#: Half-width (scan positions) of the window over which in-disk intensity gradients are
+#: pooled (0: not pooled, each pattern's fit ignores them).
+POOL_RADIUS = 3
 #: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
 MIN_DISKS = 3
 #: Share of the base disks whose clear detection marks a crystal whatever the classifier says.
@@ -72,7 +82,6 @@ class Engine:
     device: str = "cpu"
     refine_steps: int = 2
     polish_deg: float = 10.0
-    disk_weights: torch.Tensor | None = None
 
     @classmethod
     def build(cls, model: Model, sample: np.ndarray, device: str = "cpu",
@@ -81,12 +90,13 @@ class Engine:
         geom = measure_geometry(sample)
         pats = as_patterns(sample)
         centres = beam_centres(pats, geom.c0, geom.r)
-        tpl = make_template(pats, centres, geom.r)
+        spacing = geom.L * min(np.linalg.norm(model.g1), np.linalg.norm(model.g2))
+        tpl = make_template(pats, centres, geom.r, spacing=spacing)
         # second pass: centres re-measured by matching the first template (a centre-of-mass
         # error blurs the averaged beam, and a blurred template under-estimates every shift)
         eye = torch.eye(2).expand(len(pats), 2, 2)
         _, centres, _, _ = refine(pats, centres, eye, torch.zeros(1, 2), geom.L, tpl, steps=3)
-        tpl = make_template(pats, centres, geom.r)
+        tpl = make_template(pats, centres, geom.r, spacing=spacing)
         h = float(tpl.offsets.abs().max())
         Q0, Q1 = geom.pattern_shape
         edge = min(geom.c0[0], geom.c0[1], Q0 - 1 - geom.c0[0], Q1 - 1 - geom.c0[1])
@@ -120,21 +130,6 @@ class Engine:
             if 0.8 < scale < 1.25:
                 g = self.geom
                 self.geom = DataGeometry(g.c0, g.r, g.L * scale, g.pattern_shape)
-            if FIXED_WEIGHTS:
-                # one weight per ring of the base lattice (rotation-invariant): the mean squared
-                # gain of its disks over the registered sample patterns
-                extra: dict = {}
-                refine(as_patterns(sample[idx][good.numpy()], self.device),
-                       out["centre"][good], out["A"][good], self.P, self.geom.L, self.tpl,
-                       steps=1, extra=extra)
-                a2 = extra["gain"].clamp(min=0).pow(2).mean(0)
-                radius = torch.linalg.norm(self.P, dim=1)
-                ring = torch.round(radius * 1000)
-                w = torch.zeros_like(a2)
-                for v in torch.unique(ring):
-                    sel = ring == v
-                    w[sel] = a2[sel].mean()
-                self.disk_weights = w
 
     @torch.inference_mode()
     def run(self, block: np.ndarray | torch.Tensor, init: str = "encoder", offset: int = 0
@@ -184,23 +179,28 @@ class Engine:
             A0 = self._search(pats, c)
         elif self.polish_deg > 0:
             A0 = angular_search(pats, c, A0, self.P, g.L, self.polish_deg, 2.0, g.r)
+        ex: dict = {}
         A, t, n_ok, rms = refine(pats, c, A0, self.P, g.L, self.tpl, steps=self.refine_steps,
-                                 disk_weights=self.disk_weights)
+                                 extra=ex)
         if init != "search":
             # safety net: a pattern the classifier calls crystal but whose lattice was not found
             # from the encoder's guess (guess outside the polish range) is registered again
             # from an exhaustive search. Whole chunk, so shapes - and results - stay fixed.
             bad = (prob > 0.5) & (n_ok < MIN_DISKS)
             if bool(bad.any()):
+                ex2: dict = {}
                 A2, t2, n2, r2 = refine(pats, c, self._search(pats, c), self.P, g.L, self.tpl,
-                                        steps=self.refine_steps,
-                                        disk_weights=self.disk_weights)
+                                        steps=self.refine_steps, extra=ex2)
                 use = bad & (n2 > n_ok)
+                for k, v in ex.items():
+                    ex[k] = torch.where(use.reshape((-1,) + (1,) * (v.ndim - 1)), ex2[k], v)
                 A = torch.where(use[:, None, None], A2, A)
                 t = torch.where(use[:, None], t2, t)
                 n_ok = torch.where(use, n2, n_ok)
                 rms = torch.where(use, r2, rms)
-        return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x}
+        return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x,
+                "disk_coef": ex["coef"], "disk_phase": ex["phase"], "disk_dfrac": ex["dfrac"],
+                "disk_ok": ex["ok"], "A_prev": ex["A_prev"], "t_prev": ex["t_prev"]}
 
     def _search(self, pats: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Exhaustive angular search over one symmetry period (2 deg, then 0.5 deg)."""
@@ -219,7 +219,8 @@ class CCSTAEMethod(BlockMethod):
 
     def __init__(self, model: Model | str | Path | None = None, device: str = "auto",
                  batch_size: int | None = None, sample_mask: np.ndarray | None = None,
-                 reference: str | None = None, refine_steps: int = 2) -> None:
+                 reference: str | None = None, refine_steps: int = 2,
+                 pool_radius: int = POOL_RADIUS) -> None:
         self.model = load_model(model if model is not None else "default")
         self.device = resolve_device(device)
         self.batch_size = int(batch_size) if batch_size else (4096 if self.device == "cuda"
@@ -229,8 +230,13 @@ class CCSTAEMethod(BlockMethod):
         self.sample_mask = None if sample_mask is None else np.asarray(sample_mask, bool)
         self.reference = reference
         self.refine_steps = int(refine_steps)
+        self.pool_radius = int(pool_radius)
         self.engine: Engine | None = None
         self.prob: np.ndarray | None = None
+        # per position, what redoing the last refinement step needs (see ``finish``):
+        # per disk [8 coefficients, phase, 2 sub-pixel offsets, ok] and [A (4), t (2)]
+        self.disk_fit: np.ndarray | None = None
+        self.last_step: np.ndarray | None = None
 
     @property
     def symmetry_deg(self) -> float:
@@ -262,6 +268,10 @@ class CCSTAEMethod(BlockMethod):
                     f"fit this data: only {frac:.0%} of crystal patterns matched its lattice - "
                     "train one with `stem-strain fit`")
         self.prob = np.full(dataset.scan_shape, np.nan, np.float32)
+        if self.pool_radius > 0:
+            K = int(self.engine.P.shape[0])
+            self.disk_fit = np.zeros((*dataset.scan_shape, K, 12), np.float32)
+            self.last_step = np.zeros((*dataset.scan_shape, 6), np.float32)
 
     def process_block(self, block: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
         if self.engine is None:
@@ -278,6 +288,13 @@ class CCSTAEMethod(BlockMethod):
             prob[i:i + self.batch_size] = out["prob"].cpu().numpy()
             n_found[i:i + self.batch_size] = out["n_disks"].cpu().numpy()
             ok[i:i + self.batch_size] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
+            if self.disk_fit is not None and self.disk_fit.shape[1] == Ry:
+                rows = slice(r0 * Ry + i, r0 * Ry + i + len(out["A"]))
+                fit = torch.cat([out["disk_coef"], out["disk_phase"][..., None].float(),
+                                 out["disk_dfrac"], out["disk_ok"][..., None].float()], -1)
+                self.disk_fit.reshape(-1, *self.disk_fit.shape[2:])[rows] = fit.cpu().numpy()
+                last = torch.cat([out["A_prev"].reshape(-1, 4), out["t_prev"]], -1)
+                self.last_step.reshape(-1, 6)[rows] = last.cpu().numpy()
         if self.sample_mask is not None:
             sample = self.sample_mask[r0:r0 + n].reshape(-1)
         else:
@@ -309,6 +326,7 @@ class CCSTAEMethod(BlockMethod):
     def settings(self) -> dict[str, Any]:
         s: dict[str, Any] = {"model": self.model.source, "device": self.device,
                              "batch_size": self.batch_size, "refine_steps": self.refine_steps,
+                             "pool_radius": self.pool_radius,
                              "lattice": self.model.lattice_kind,
                              "symmetry_deg": self.symmetry_deg}
         if self.engine is not None:
@@ -318,7 +336,37 @@ class CCSTAEMethod(BlockMethod):
 
     def finish(self, A: np.ndarray, sample: np.ndarray, seconds: float) -> MethodResult:
         extras = {} if self.prob is None else {"class_prob": self.prob}
+        if self.disk_fit is not None and self.engine is not None:
+            A = self._pooled(A)
         return MethodResult("ae", A, sample, self.settings(), seconds, self.symmetry_deg, extras)
+
+    def _pooled(self, A: np.ndarray) -> np.ndarray:
+        """Redo every fitted position's last Gauss-Newton step with its disks' intensity
+        gradients pooled over neighbours of the same grain (see
+        :func:`.refine.pool_gradients`); a few hundred ms for a 256x256 scan."""
+        eng = self.engine
+        fit = torch.from_numpy(self.disk_fit)
+        Rx, Ry, K = fit.shape[:3]
+        good = torch.from_numpy(np.isfinite(A).all(axis=(2, 3)))
+        coef8 = fit[..., :8]
+        phase = fit[..., 8].round().long().clamp(0, eng.tpl.cond.shape[0] - 1)
+        ok = (fit[..., 11] > 0.5) & good[..., None]
+        tpl = eng.tpl.to("cpu")
+        gain = condition(coef8, phase, tpl)[..., 0]
+        ratio = coef8[..., 6:] / torch.where(ok, gain, torch.ones_like(gain))[..., None]
+        weight = torch.where(ok, gain ** 2, torch.zeros_like(gain))
+        pooled = pool_gradients(ratio, weight, torch.from_numpy(A).float(), self.pool_radius)
+        last = torch.from_numpy(self.last_step)
+        sel = good.reshape(-1)
+        n = Rx * Ry
+        A_new, _ = pooled_step(coef8.reshape(n, K, 8)[sel], phase.reshape(n, K)[sel],
+                               fit[..., 9:11].reshape(n, K, 2)[sel], ok.reshape(n, K)[sel],
+                               last[..., :4].reshape(n, 2, 2)[sel],
+                               last[..., 4:].reshape(n, 2)[sel],
+                               pooled.reshape(n, K, 2)[sel], eng.P.cpu(), eng.geom.L, tpl)
+        out = np.array(A, np.float32, copy=True)
+        out.reshape(n, 2, 2)[sel.numpy()] = A_new.numpy()
+        return out
 
 
 def run_ccstae(dataset: Any, model: Model | str | Path | None = None, device: str = "auto",
