@@ -333,3 +333,20 @@ def test_pooled_disk_gradients_remove_their_bias():
         err[radius] = np.mean([np.abs(getattr(maps, k) - getattr(truth, k))[ok].mean()
                                for k in ("exx", "eyy", "exy")])
     assert err[3] < 0.4 * err[0], err
+
+
+def test_lattice_from_pattern_ignores_a_bright_amorphous_ring():
+    """A diffuse background with an amorphous ring between the Bragg disks (w = 0.7) must
+    not turn ring maxima into "disks": the square lattice is found, square (without the
+    radial background removal this pattern gave a 180-degree "rectangular" lattice)."""
+    from napari_stem_strain.methods.ccstae.train import lattice_from_pattern
+    from napari_stem_strain.simulate import SimulationSettings, simulate_array
+
+    data, truth = simulate_array(SimulationSettings(
+        scan=(12, 12), lattice="square", pattern=96, disk_radius=3.0, noise=0.7, dose=1e5,
+        vacuum=False, seed=0))
+    r0, c0 = (int(np.mean(ix)) for ix in np.nonzero(truth.grains == 0))
+    g1, g2, sym = lattice_from_pattern(data[r0, c0])
+    assert sym == 90.0
+    n1, n2 = np.linalg.norm(g1), np.linalg.norm(g2)
+    assert abs(n1 / n2 - 1) < 1e-6 and abs(g1 @ g2) < 1e-6 * n1 * n2
