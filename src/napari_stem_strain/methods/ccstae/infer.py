@@ -341,28 +341,41 @@ class CCSTAEMethod(BlockMethod):
             A = self._pooled(A)
         return MethodResult("ae", A, sample, self.settings(), seconds, self.symmetry_deg, extras)
 
-    def _pooled(self, A: np.ndarray) -> np.ndarray:
+    def _pooled(self, A: np.ndarray, rows: int = 16) -> np.ndarray:
         """Redo every fitted position's last Gauss-Newton step with its disks' background ramp
         and intensity gradient pooled over neighbours of the same grain (see
-        :func:`.refine.pooled_coefficients`); well under a second for a 256x256 scan."""
+        :func:`.refine.pooled_coefficients`). Done in bands of ``rows`` scan rows (plus the
+        pooling window's halo), so the temporaries stay small whatever the scan size."""
         eng = self.engine
         tpl = eng.tpl.to("cpu")
-        fit = torch.from_numpy(self.disk_fit)
-        Rx, Ry, K = fit.shape[:3]
-        n = Rx * Ry
-        good = np.isfinite(A).all(axis=(2, 3)).reshape(-1)
-        phase = fit[..., 8].round().long().clamp(0, tpl.cond.shape[0] - 1)
-        ok = (fit[..., 11] > 0.5) & torch.from_numpy(good.reshape(Rx, Ry))[..., None]
-        coef = pooled_coefficients(fit[..., :8], phase, ok, torch.from_numpy(A).float(), tpl,
-                                   self.pool_radius)
-        last = torch.from_numpy(self.last_step).reshape(n, 6)[good]
+        Rx, Ry, K = self.disk_fit.shape[:3]
+        rad = self.pool_radius
         h = float(tpl.offsets.abs().max())
-        A_new, _, _ = affine_update(coef.reshape(n, K, 6)[good], ok.reshape(n, K)[good],
-                                     fit[..., 9:11].reshape(n, K, 2)[good],
-                                     last[:, :4].reshape(-1, 2, 2), last[:, 4:],
-                                     eng.P.cpu(), eng.geom.L, h)
+        P = eng.P.cpu()
         out = np.array(A, np.float32, copy=True)
-        out.reshape(n, 2, 2)[good] = A_new.numpy()
+        good_all = np.isfinite(A).all(axis=(2, 3))
+        for r0 in range(0, Rx, rows):
+            r1 = min(Rx, r0 + rows)
+            h0, h1 = max(0, r0 - rad), min(Rx, r1 + rad)
+            fit = torch.from_numpy(self.disk_fit[h0:h1])
+            good = torch.from_numpy(good_all[h0:h1])
+            phase = fit[..., 8].round().long().clamp(0, tpl.cond.shape[0] - 1)
+            ok = (fit[..., 11] > 0.5) & good[..., None]
+            coef = pooled_coefficients(fit[..., :8], phase, ok,
+                                       torch.from_numpy(A[h0:h1]).float(), tpl, rad)
+            band = slice(r0 - h0, r1 - h0)
+            sel = good[band].reshape(-1)
+            if not bool(sel.any()):
+                continue
+            n = (r1 - r0) * Ry
+            last = torch.from_numpy(self.last_step[r0:r1]).reshape(n, 6)[sel]
+            A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
+                                        ok[band].reshape(n, K)[sel],
+                                        fit[band][..., 9:11].reshape(n, K, 2)[sel],
+                                        last[:, :4].reshape(-1, 2, 2), last[:, 4:], P,
+                                        eng.geom.L, h)
+            view = out[r0:r1].reshape(n, 2, 2)
+            view[sel.numpy()] = A_new.numpy()
         return out
 
 
