@@ -48,9 +48,11 @@ N_DISKS = 19
 #: Half-width (scan positions) of the window over which each disk's background ramp and
 #: in-disk intensity gradient are pooled (0: not pooled; each pattern then fits its own ramp
 #: and ignores the gradient).
-POOL_RADIUS = 3
+POOL_RADIUS = 4
 #: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
 MIN_DISKS = 3
+#: Floats kept per disk per position for the pooled last step (see ``CCSTAEMethod._pooled``).
+DISK_FIT = 8 + 12 + 1 + 2 + 1
 #: Share of the base disks whose clear detection marks a crystal whatever the classifier says.
 STRONG_FRACTION = 0.6
 
@@ -200,8 +202,9 @@ class Engine:
                 n_ok = torch.where(use, n2, n_ok)
                 rms = torch.where(use, r2, rms)
         return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x,
-                "disk_coef": ex["coef"], "disk_phase": ex["phase"], "disk_dfrac": ex["dfrac"],
-                "disk_ok": ex["ok"], "A_prev": ex["A_prev"], "t_prev": ex["t_prev"]}
+                "disk_fit": torch.cat([ex["coef"], ex["cond"].flatten(-2), ex["var4"][..., None],
+                                       ex["dfrac"], ex["ok"][..., None].float()], -1),
+                "A_prev": ex["A_prev"], "t_prev": ex["t_prev"]}
 
     def _search(self, pats: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Exhaustive angular search over one symmetry period (2 deg, then 0.5 deg)."""
@@ -235,7 +238,8 @@ class CCSTAEMethod(BlockMethod):
         self.engine: Engine | None = None
         self.prob: np.ndarray | None = None
         # per position, what redoing the last refinement step needs (see ``finish``):
-        # per disk [8 coefficients, phase, 2 sub-pixel offsets, ok] and [A (4), t (2)]
+        # per disk [8 coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok]
+        # (``DISK_FIT`` floats) and [A (4), t (2)]
         self.disk_fit: np.ndarray | None = None
         self.last_step: np.ndarray | None = None
 
@@ -271,7 +275,7 @@ class CCSTAEMethod(BlockMethod):
         self.prob = np.full(dataset.scan_shape, np.nan, np.float32)
         if self.pool_radius > 0:
             K = int(self.engine.P.shape[0])
-            self.disk_fit = np.zeros((*dataset.scan_shape, K, 12), np.float32)
+            self.disk_fit = np.zeros((*dataset.scan_shape, K, DISK_FIT), np.float32)
             self.last_step = np.zeros((*dataset.scan_shape, 6), np.float32)
 
     def process_block(self, block: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
@@ -291,9 +295,8 @@ class CCSTAEMethod(BlockMethod):
             ok[i:i + self.batch_size] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
             if self.disk_fit is not None and self.disk_fit.shape[1] == Ry:
                 rows = slice(r0 * Ry + i, r0 * Ry + i + len(out["A"]))
-                fit = torch.cat([out["disk_coef"], out["disk_phase"][..., None].float(),
-                                 out["disk_dfrac"], out["disk_ok"][..., None].float()], -1)
-                self.disk_fit.reshape(-1, *self.disk_fit.shape[2:])[rows] = fit.cpu().numpy()
+                self.disk_fit.reshape(-1, *self.disk_fit.shape[2:])[rows] = \
+                    out["disk_fit"].cpu().numpy()
                 last = torch.cat([out["A_prev"].reshape(-1, 4), out["t_prev"]], -1)
                 self.last_step.reshape(-1, 6)[rows] = last.cpu().numpy()
         if self.sample_mask is not None:
@@ -347,10 +350,9 @@ class CCSTAEMethod(BlockMethod):
         :func:`.refine.pooled_coefficients`). Done in bands of ``rows`` scan rows (plus the
         pooling window's halo), so the temporaries stay small whatever the scan size."""
         eng = self.engine
-        tpl = eng.tpl.to("cpu")
         Rx, Ry, K = self.disk_fit.shape[:3]
         rad = self.pool_radius
-        h = float(tpl.offsets.abs().max())
+        h = float(eng.tpl.offsets.abs().max())
         P = eng.P.cpu()
         out = np.array(A, np.float32, copy=True)
         good_all = np.isfinite(A).all(axis=(2, 3))
@@ -359,10 +361,10 @@ class CCSTAEMethod(BlockMethod):
             h0, h1 = max(0, r0 - rad), min(Rx, r1 + rad)
             fit = torch.from_numpy(self.disk_fit[h0:h1])
             good = torch.from_numpy(good_all[h0:h1])
-            phase = fit[..., 8].round().long().clamp(0, tpl.cond.shape[0] - 1)
-            ok = (fit[..., 11] > 0.5) & good[..., None]
-            coef = pooled_coefficients(fit[..., :8], phase, ok,
-                                       torch.from_numpy(A[h0:h1]).float(), tpl, rad)
+            ok = (fit[..., 23] > 0.5) & good[..., None]
+            coef, wts = pooled_coefficients(fit[..., :8], fit[..., 8:20].unflatten(-1, (3, 4)),
+                                            fit[..., 20], ok,
+                                            torch.from_numpy(A[h0:h1]).float(), rad)
             band = slice(r0 - h0, r1 - h0)
             sel = good[band].reshape(-1)
             if not bool(sel.any()):
@@ -371,9 +373,9 @@ class CCSTAEMethod(BlockMethod):
             last = torch.from_numpy(self.last_step[r0:r1]).reshape(n, 6)[sel]
             A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
                                         ok[band].reshape(n, K)[sel],
-                                        fit[band][..., 9:11].reshape(n, K, 2)[sel],
+                                        fit[band][..., 21:23].reshape(n, K, 2)[sel],
                                         last[:, :4].reshape(-1, 2, 2), last[:, 4:], P,
-                                        eng.geom.L, h)
+                                        eng.geom.L, h, wts[band].reshape(n, K)[sel])
             view = out[r0:r1].reshape(n, 2, 2)
             view[sel.numpy()] = A_new.numpy()
         return out
