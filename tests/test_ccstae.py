@@ -350,3 +350,14 @@ def test_lattice_from_pattern_ignores_a_bright_amorphous_ring():
     assert sym == 90.0
     n1, n2 = np.linalg.norm(g1), np.linalg.norm(g2)
     assert abs(n1 / n2 - 1) < 1e-6 and abs(g1 @ g2) < 1e-6 * n1 * n2
+
+
+def test_select_disks_takes_whole_rings_up_to_the_cap():
+    from napari_stem_strain.methods.ccstae.infer import select_disks
+
+    hexa = select_disks(np.array([1.0, 0.0]), np.array([0.5, np.sqrt(3) / 2]), 2.8, 25)
+    assert len(hexa) == 19  # beam + rings 1, sqrt 3, 2; the 12 at sqrt 7 would exceed 25
+    assert np.allclose(hexa[0], 0) and np.allclose(np.linalg.norm(hexa, axis=1).max(), 2)
+    square = select_disks(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 2.5, 25)
+    assert len(square) == 21  # beam + 4 + 4 + 4 + the 8 at sqrt 5
+    assert len(select_disks(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 2.5, 10)) == 9
