@@ -223,30 +223,59 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
 def _radial_profile(rho: torch.Tensor, vals: torch.Tensor, n: int, step: float
                     ) -> torch.Tensor:
     """Continuous radial profile (``n`` bins of ``step`` px) of samples ``vals`` at radii
-    ``rho``: linear binning, then Gaussian kernel regression, finer where bins are full."""
+    ``rho``: linear binning, then Gaussian *local-linear* kernel regression, finer where bins
+    are full.
+
+    Local-linear, not local-constant: when every beam sits at the same sub-pixel phase (no
+    descan) the samples fall on a fixed set of radii 0.1-0.5 px apart, and a local average
+    turns the disk edge into a staircase whose slope - the shift column of every disk fit -
+    is wrong between the sampled radii. A local line interpolates between them (simulated
+    polycrystal without descan, w = 0.5: strain MAE 0.85/0.99/0.63e-3 -> 0.62/0.61/0.43e-3);
+    with descan it changes nothing measurable."""
     x = (rho / step).reshape(-1)
     y = vals.reshape(-1)
     i0 = x.floor().long().clamp(max=n - 2)
     w = (x - i0).clamp(0, 1)
-    S = torch.zeros(n, dtype=torch.float64)
-    W = torch.zeros(n, dtype=torch.float64)
-    S.index_add_(0, i0, y * (1 - w)).index_add_(0, i0 + 1, y * w)
-    W.index_add_(0, i0, 1 - w).index_add_(0, i0 + 1, w)
 
-    def smooth(a: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    def binned(v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.float64)
+        return out.index_add_(0, i0, v * (1 - w)).index_add_(0, i0 + 1, v * w)
+
+    # per bin: weight, and first/second moments of the samples' exact coordinates (a local
+    # line needs them: taking every sample at its bin's centre flattens the line)
+    W, X, XX = binned(torch.ones_like(x)), binned(x), binned(x * x)
+    S, SX = binned(y), binned(x * y)
+    j = torch.arange(n, dtype=torch.float64)
+
+    def smooth(a: torch.Tensor, sigma_px: float, odd: bool = False) -> torch.Tensor:
         s = sigma_px / step
         k = int(np.ceil(3 * s))
         t = torch.arange(-k, k + 1, dtype=torch.float64)
         ker = torch.exp(-0.5 * (t / s) ** 2)
-        # mirror at rho = 0 (the profile is even in rho)
-        ap = torch.cat([a[1:k + 1].flip(0), a, a[-1:].expand(k)])
+        # mirror at rho = 0 (the profile is even in rho; odd moments change sign)
+        mirror = a[1:k + 1].flip(0)
+        ap = torch.cat([-mirror if odd else mirror, a, a[-1:].expand(k)])
         return torch.nn.functional.conv1d(ap[None, None], ker[None, None])[0, 0]
 
     T = torch.full((n,), float("nan"), dtype=torch.float64)
     for sig in (1.0, 0.3, 0.1):  # coarse first, finer where the bins are well filled
-        Ws = smooth(W, sig)
-        fine = smooth(S, sig) / Ws.clamp_min(1e-30)
-        use = Ws > (3.0 * sig / step) if sig < 1.0 else Ws > 0
+        c0 = smooth(W, sig)
+        cj = smooth(X, sig, odd=True)
+        c1 = cj - j * c0
+        c2 = smooth(XX, sig) - 2 * j * cj + j * j * c0
+        d0 = smooth(S, sig)
+        d1 = smooth(SX, sig, odd=True) - j * d0
+        det = c0 * c2 - c1 * c1
+        # a line needs samples at two distinct radii inside the kernel; where there is just
+        # one cluster the coarser kernel's line (or, at the coarsest, the mean) stays
+        spread = det > 1e-3 * (c0 * c2).clamp_min(1e-30)
+        line = (c2 * d0 - c1 * d1) / torch.where(spread, det, torch.ones_like(det))
+        if sig < 1.0:
+            use = (c0 > (3.0 * sig / step)) & spread
+            fine = line
+        else:
+            use = c0 > 0
+            fine = torch.where(spread, line, d0 / c0.clamp_min(1e-30))
         T = torch.where(use, fine, T)
     known = ~torch.isnan(T)
     if not bool(known.any()):
