@@ -146,3 +146,29 @@ def test_large_file_streams_virtual_images_in_the_background(make_napari_viewer,
     mask = session.sample_mask()
     gt = nav.metadata["stem_strain"]["ground_truth"]
     assert (mask == gt.sample).mean() > 0.97
+
+
+def test_removing_the_layers_of_a_file_closes_it(tmp_path, make_napari_viewer):
+    """The file stays open while a layer shows it or a run reads it, and is closed after."""
+    import h5py
+
+    from napari_stem_strain._widgets._session import get_session
+
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as f:
+        f["data"] = np.random.default_rng(0).poisson(5, (4, 5, 16, 16)).astype("f4")
+    viewer = make_napari_viewer()
+    session = get_session(viewer)
+    viewer.open(str(path), plugin=PLUGIN)
+    nav = _nav(viewer)
+    ds = nav.metadata["stem_strain"]["dataset"]
+    assert ds.read_rows(0, 1).shape == (1, 5, 16, 16)
+    session.hold(ds)  # a mapping run is reading it
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    assert ds.read_rows(1, 2).shape == (1, 5, 16, 16)  # still open for the run
+    session.release(ds)
+    with pytest.raises(Exception):  # noqa: B017,PT011 - h5py's error for a closed file
+        ds.read_rows(0, 1)
+    with h5py.File(path, "a") as f:  # nothing holds the file any more
+        assert f["data"].shape == (4, 5, 16, 16)

@@ -70,7 +70,11 @@ class StrainSession:
         self._dataset_key: int | None = None
         self._busy = False
         self._mask_key: int | None = None
+        # datasets a worker is reading (id -> [dataset, count]) and ones to close afterwards
+        self._held: dict[int, list[Any]] = {}
+        self._close_later: set[int] = set()
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        viewer.layers.events.removed.connect(self._on_layer_removed)
 
     # ------------------------------------------------------------------ dataset
     @property
@@ -131,6 +135,40 @@ class StrainSession:
         layer = event.value
         if _info(layer).get("role") == "navigation" and not self._busy:
             self.new_dataset()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        """Close a dataset's file once no layer shows it any more (the BF and ADF images of
+        one file share it) - later, if a run is still reading it."""
+        ds = _info(event.value).get("dataset")
+        if ds is None:
+            return
+        try:
+            layers = list(self.viewer.layers)
+        except RuntimeError:
+            layers = []
+        if any(_info(layer).get("dataset") is ds for layer in layers):
+            return
+        if id(ds) in self._held:
+            self._close_later.add(id(ds))
+        else:
+            _close(ds)
+
+    def hold(self, ds: Any) -> None:
+        """A worker starts reading ``ds``: removing its layers must not close it yet."""
+        entry = self._held.setdefault(id(ds), [ds, 0])
+        entry[1] += 1
+
+    def release(self, ds: Any) -> None:
+        """The worker is done with ``ds``; close it now if its layers went meanwhile."""
+        entry = self._held.get(id(ds))
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._held[id(ds)]
+            if id(ds) in self._close_later:
+                self._close_later.discard(id(ds))
+                _close(ds)
 
     def new_dataset(self) -> None:
         """A new scan became current: drop old results, fit rectangle and mask to it."""
@@ -356,3 +394,9 @@ def _info(layer: Any) -> dict[str, Any]:
         return layer.metadata.get(META_KEY, {}) or {}
     except AttributeError:
         return {}
+
+
+def _close(ds: Any) -> None:
+    close = getattr(ds, "close", None)
+    if callable(close):
+        close()

@@ -284,6 +284,8 @@ class MappingWidget(QWidget):
         self.status.setText(f"running {names} ...")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        self.session.hold(ds)
+        self._held = ds
         self.task = Task(job, f"Strain mapping ({names})", on_done=self.session.set_results,
                          on_end=self._ended, error_prefix="Strain mapping failed: ")
         return self.task
@@ -294,6 +296,9 @@ class MappingWidget(QWidget):
             self.status.setText("cancelling (stops after the current block) ...")
 
     def _ended(self, status: str) -> None:
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            self.session.release(held)
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         text = {"done": "done", "cancelled": "cancelled: no maps were changed",
