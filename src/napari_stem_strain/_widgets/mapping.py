@@ -80,6 +80,7 @@ class MappingWidget(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.task: Task | None = None
+        self._held: Any = None  # the dataset the running task reads (see ``session.hold``)
         self._hidden_for_grid: list[Any] = []
 
         # -- methods -----------------------------------------------------------------
@@ -296,7 +297,7 @@ class MappingWidget(QWidget):
             self.status.setText("cancelling (stops after the current block) ...")
 
     def _ended(self, status: str) -> None:
-        held, self._held = getattr(self, "_held", None), None
+        held, self._held = self._held, None
         if held is not None:
             self.session.release(held)
         self.run_button.setEnabled(True)

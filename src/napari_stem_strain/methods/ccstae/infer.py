@@ -52,8 +52,15 @@ N_DISKS = 25
 POOL_RADIUS = 4
 #: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
 MIN_DISKS = 3
-#: Floats kept per disk per position for the pooled last step (see ``CCSTAEMethod._pooled``).
-DISK_FIT = 8 + 12 + 1 + 2 + 1
+#: Gauss-Newton steps of the refinement (the first on interpolated patches, see
+#: :func:`.refine.refine`).
+REFINE_STEPS = 3
+#: Layout of the floats kept per disk per position for the pooled last step (see
+#: ``CCSTAEMethod._pooled``): the free 8-column fit, the 3x4 conditioning, the fixed fit's
+#: shift variance, the 2 sub-pixel offsets, and whether the disk was used.
+FIT_COEF, FIT_COND, FIT_VAR, FIT_DFRAC, FIT_OK = (slice(0, 8), slice(8, 20), 20,
+                                                  slice(21, 23), 23)
+DISK_FIT = 24
 #: A crystal pattern with fewer of the base disks clearly found is registered again from an
 #: exhaustive search (see ``Engine._run``).
 RETRY_FRACTION = 0.5
@@ -111,12 +118,12 @@ class Engine:
     tpl: DiskTemplate
     P: torch.Tensor
     device: str = "cpu"
-    refine_steps: int = 3
+    refine_steps: int = REFINE_STEPS
     polish_deg: float = 10.0
 
     @classmethod
     def build(cls, model: Model, sample: np.ndarray, device: str = "cpu",
-              refine_steps: int = 3, n_disks: int = N_DISKS) -> Engine:
+              refine_steps: int = REFINE_STEPS, n_disks: int = N_DISKS) -> Engine:
         """Measure geometry and template from ``sample`` patterns ``(M, Qx, Qy)``."""
         geom = measure_geometry(sample)
         pats = as_patterns(sample)
@@ -253,7 +260,7 @@ class CCSTAEMethod(BlockMethod):
 
     def __init__(self, model: Model | str | Path | None = None, device: str = "auto",
                  batch_size: int | None = None, sample_mask: np.ndarray | None = None,
-                 reference: str | None = None, refine_steps: int = 3,
+                 reference: str | None = None, refine_steps: int = REFINE_STEPS,
                  pool_radius: int = POOL_RADIUS) -> None:
         self.model = load_model(model if model is not None else "default")
         self.device = resolve_device(device)
@@ -391,9 +398,10 @@ class CCSTAEMethod(BlockMethod):
             h0, h1 = max(0, r0 - rad), min(Rx, r1 + rad)
             fit = torch.from_numpy(self.disk_fit[h0:h1])
             good = torch.from_numpy(good_all[h0:h1])
-            ok = (fit[..., 23] > 0.5) & good[..., None]
-            coef, wts = pooled_coefficients(fit[..., :8], fit[..., 8:20].unflatten(-1, (3, 4)),
-                                            fit[..., 20], ok,
+            ok = (fit[..., FIT_OK] > 0.5) & good[..., None]
+            coef, wts = pooled_coefficients(fit[..., FIT_COEF],
+                                            fit[..., FIT_COND].unflatten(-1, (3, 4)),
+                                            fit[..., FIT_VAR], ok,
                                             torch.from_numpy(A[h0:h1]).float(), rad)
             band = slice(r0 - h0, r1 - h0)
             sel = good[band].reshape(-1)
@@ -403,7 +411,7 @@ class CCSTAEMethod(BlockMethod):
             last = torch.from_numpy(self.last_step[r0:r1]).reshape(n, 6)[sel]
             A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
                                         ok[band].reshape(n, K)[sel],
-                                        fit[band][..., 21:23].reshape(n, K, 2)[sel],
+                                        fit[band][..., FIT_DFRAC].reshape(n, K, 2)[sel],
                                         last[:, :4].reshape(-1, 2, 2), last[:, 4:], P,
                                         eng.geom.L, h, wts[band].reshape(n, K)[sel])
             view = out[r0:r1].reshape(n, 2, 2)

@@ -113,8 +113,8 @@ class DiskTemplate:
         return T, g[..., 0], g[..., 1]
 
 
-def _patch_offsets(r: float, device: torch.device, pad: int = 2) -> tuple[torch.Tensor, int]:
-    h = int(np.ceil(r)) + pad
+def _patch_offsets(r: float, device: torch.device) -> tuple[torch.Tensor, int]:
+    h = int(np.ceil(r)) + 2
     ii, jj = np.mgrid[-h:h + 1, -h:h + 1]
     keep = ii ** 2 + jj ** 2 <= (h + 0.5) ** 2
     off = torch.tensor(np.stack([ii[keep], jj[keep]], 1), dtype=torch.long, device=device)
@@ -152,8 +152,9 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     """Super-resolved square-rooted direct-beam profile of raw patterns ``(B,Qx,Qy)``.
 
     The beam pixels of every pattern are binned by their exact distance from that pattern's
-    own sub-pixel ``centres`` into fine radial bins (``step`` px; kernel regression with a
-    0.1 px Gaussian, widened where the bins are sparse). The patterns' different sub-pixel
+    own sub-pixel ``centres`` into fine radial bins (``step`` px; local-linear kernel
+    regression with a 0.1 px Gaussian, widened where the bins are sparse, see
+    :func:`_radial_profile`). The patterns' different sub-pixel
     phases fill the bins in, so the profile is continuous and carries no pixel-phase blur;
     each pattern is normalised by its own centre level first (beam intensities vary).
 
@@ -196,8 +197,7 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     # costs too much precision; it is fitted here and then either dropped (a 6-column fit,
     # via ``cond``) or, with the ramp, fixed to a value pooled over neighbouring positions
     # (see :func:`pooled_coefficients`).
-    D = torch.stack([Tv, torch.ones_like(Tv), v[..., 0] / h, v[..., 1] / h, -gr, -gc,
-                     Tv * v[..., 0] / h, Tv * v[..., 1] / h], -1)
+    D = _design(Tv, gr, gc, v, h)
     G = D.transpose(1, 2) @ D
     Ginv = torch.linalg.inv(G)
     tpl.pinv = (Ginv @ D.transpose(1, 2)).float().to(pats.device)
@@ -214,10 +214,18 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     lin = DiskTemplate(off, (T_lin / scale_lin).float(), (dT_lin / scale_lin).float(), step,
                        float(r), *(torch.empty(0),) * 4)
     Tl, glr, glc = (x.double() for x in lin.evaluate(v.float()))
-    tpl.design_lin = torch.stack([Tl, torch.ones_like(Tl), v[..., 0] / h, v[..., 1] / h, -glr,
-                                  -glc, Tl * v[..., 0] / h, Tl * v[..., 1] / h],
-                                 -2).float().contiguous().to(pats.device)
+    tpl.design_lin = _design(Tl, glr, glc, v, h).transpose(-1, -2).float().contiguous().to(
+        pats.device)
     return tpl
+
+
+def _design(T: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor, v: torch.Tensor, h: float
+            ) -> torch.Tensor:
+    """The 8 columns of a disk fit ``(F, P, 8)`` from a profile ``T`` and its gradient
+    ``(gr, gc)`` at the patch offsets ``v`` ``(F, P, 2)``: gain, offset, background ramp (2),
+    shift (2), intensity gradient inside the disk (2)."""
+    return torch.stack([T, torch.ones_like(T), v[..., 0] / h, v[..., 1] / h, -gr, -gc,
+                        T * v[..., 0] / h, T * v[..., 1] / h], -1)
 
 
 def _radial_profile(rho: torch.Tensor, vals: torch.Tensor, n: int, step: float
@@ -369,8 +377,9 @@ def refine(
     is not the base's.
 
     ``extra``, when given, receives what redoing the last step with pooled nuisances needs
-    (see :func:`pooled_coefficients`): ``coef`` (B,K,8), ``phase`` (B,K), ``dfrac`` (B,K,2),
-    ``ok`` (B,K), ``A_prev`` / ``t_prev`` (before the last step) and ``gain`` (B,K).
+    (see :func:`pooled_coefficients`): :func:`poisson_fit`'s ``coef`` (B,K,8), ``cond``
+    (B,K,3,4) and ``var4`` (B,K), the sub-pixel offsets ``dfrac`` (B,K,2), the disks used
+    ``ok`` (B,K), and ``A_prev`` / ``t_prev`` (before the last step).
     """
     B = A.shape[0]
     Q0, Q1 = pats.shape[-2:]
@@ -427,7 +436,7 @@ def refine(
             coef, wts = pf["coef6"], pf["weight6"]
             if extra is not None:
                 extra.update(coef=pf["coef8"], cond=pf["cond"], var4=pf["var4"], dfrac=dfrac,
-                             ok=ok, A_prev=A, t_prev=t, gain=a)
+                             ok=ok, A_prev=A, t_prev=t)
         A, t, rms = affine_update(coef, ok, dfrac, A, t, P, L, h, wts)
     return A, t, n_ok, rms
 
@@ -485,9 +494,10 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Gauss-Newton update of ``A`` and ``t`` from the per-disk fits ``coef`` (B,K,6).
 
-    The disk shifts are combined by weighted least squares (weight ``a^2``: the position
-    variance of a disk under uniform sqrt-Poisson noise scales as ``1/a^2``) into ``dA`` and
-    ``dt`` (``d = dA p + dt``). Returns ``(A, t, rms)``, ``rms`` the weighted scatter (px) the
+    The disk shifts are combined by weighted least squares into ``dA`` and ``dt``
+    (``d = dA p + dt``); ``weight`` (B,K) is each disk's inverse shift variance (default
+    ``a^2``: the position variance of a disk under uniform sqrt-Poisson noise scales as
+    ``1/a^2``). Returns ``(A, t, rms)``, ``rms`` the weighted scatter (px) the
     affine update leaves unexplained."""
     K = P.shape[0]
     X = torch.cat([P, torch.ones(K, 1, dtype=P.dtype, device=P.device)], 1)  # (K,3)
@@ -508,16 +518,12 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
     return A, t, rms
 
 
-def condition(coef8: torch.Tensor, ph: torch.Tensor, tpl: DiskTemplate,
-              grad: torch.Tensor | None = None) -> torch.Tensor:
-    """The 6 coefficients (gain, offset, ramp, shift) of a disk fit whose two in-disk gradient
-    coefficients are *fixed* to ``grad`` (B,K,2; ``None``: zero, i.e. the plain 6-column
-    fit), from the free 8-column fit ``coef8`` (B,K,8). Exact for a linear least-squares
-    problem: ``c6 = c8[:6] + G66^-1 G62 (c8[6:] - grad)``."""
-    cg = coef8[..., 6:]
-    if grad is not None:
-        cg = cg - grad
-    return coef8[..., :6] + (tpl.cond[ph] @ cg[..., None])[..., 0]
+def condition(coef8: torch.Tensor, ph: torch.Tensor, tpl: DiskTemplate) -> torch.Tensor:
+    """The plain 6-column fit (gain, offset, ramp, shift; no in-disk gradient) from the free
+    8-column fit ``coef8`` (B,K,8) of the square-rooted patches: the gradient coefficients
+    fixed to zero. Exact for a linear least-squares problem: ``c6 = c8[:6] + G66^-1 G62
+    c8[6:]``."""
+    return coef8[..., :6] + (tpl.cond[ph] @ coef8[..., 6:, None])[..., 0]
 
 
 def pool_nuisance(values: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
@@ -538,16 +544,14 @@ def pool_nuisance(values: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
         weight = weight[..., None].expand_as(values)
     Af = torch.nan_to_num(A.reshape(Rx, Ry, 4), nan=1e6)
     wv = weight * values
-    num = torch.zeros_like(values)
-    den = torch.zeros_like(values)
     pad = radius
     # (C,K,Rx+2p,Ry+2p): padded, scan axes last, so each offset is a plain slice
     wvp = torch.nn.functional.pad(wv.permute(3, 2, 0, 1), (pad, pad, pad, pad))
     wp = torch.nn.functional.pad(weight.permute(3, 2, 0, 1), (pad, pad, pad, pad))
     ap = torch.nn.functional.pad(Af.permute(2, 0, 1), (pad, pad, pad, pad), value=1e6)
     Ac = Af.permute(2, 0, 1)
-    num = num.permute(3, 2, 0, 1).contiguous()
-    den = den.permute(3, 2, 0, 1).contiguous()
+    num = torch.zeros_like(wvp[:, :, pad:pad + Rx, pad:pad + Ry])  # (C,K,Rx,Ry)
+    den = torch.zeros_like(num)
     for di in range(-radius, radius + 1):
         for dj in range(-radius, radius + 1):
             r = slice(pad + di, pad + di + Rx)
