@@ -382,3 +382,37 @@ def test_radial_profile_interpolates_between_sparse_radii():
     # a local average gave 0.08 and 0.47 here (a staircase); interpolation gives 0.04, 0.17
     assert float((T - true)[band].abs().max()) < 0.06
     assert float(((dT - dtrue)[band] ** 2).mean().sqrt()) < 0.25
+
+
+def test_train_keeps_its_best_epoch(scan):
+    """``train_model`` returns the weights of its best held-out epoch, not the last epoch's.
+
+    A large learning rate makes the held-out loss bounce; the weights returned after all
+    epochs must equal those of a second, identical run stopped right after the best epoch.
+    (Guards the bug where ``best = inf`` made ``inf - 0.002 * inf`` NaN and no epoch ever
+    counted as an improvement.)"""
+    data, _, _ = scan
+    ds = Dataset(data=data)
+    eng = Engine.build(new_model(*HEX, n=16, width=4, seed=2), sample_patterns(ds))
+    train = collect_training_set(eng, ds)
+
+    def run(epochs: int):
+        model = new_model(*HEX, n=16, width=4, seed=2)
+        return train_model(model, train, epochs=epochs, seed=0, patience=99, batch=16,
+                           lr=0.5, augment=False)
+
+    model, info = run(8)
+    vals = [h["val"] for h in info["history"]]
+    assert len(vals) == 8 and np.isfinite(info["best_val"])
+    # the epoch the plateau rule keeps: the last one more than 0.2 % below the running best
+    best, k = float("inf"), 0
+    for i, v in enumerate(vals):
+        if not np.isfinite(best) or v < best - 0.002 * abs(best):
+            best, k = v, i + 1
+    assert info["best_val"] == pytest.approx(best)
+    assert info["best_epoch"] == k
+    assert k < 8, "the held-out loss must bounce for this test to mean anything"
+    again, _ = run(k)
+    for (name, a), b in zip(model.net.state_dict().items(), again.net.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name

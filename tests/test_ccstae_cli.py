@@ -43,3 +43,15 @@ def test_fit_cli_refuses_bad_input(tiny_file, tmp_path, capsys):
     assert rc == 2
     rc = main(["fit", str(tiny_file), "--out", str(tmp_path / "nodir" / "m.pt"), "--quiet"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_train_default_needs_an_explicit_out(capsys):
+    """Without ``--out`` the command must refuse rather than replace the shipped weights."""
+    from napari_stem_strain.methods.ccstae.modelfile import DEFAULT_PATH
+
+    before = DEFAULT_PATH.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["train-default", "--quiet"])
+    assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err
+    assert DEFAULT_PATH.read_bytes() == before

@@ -18,8 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default model on them; the same seed gives the same weights. A few minutes on 2 CPU "
         "cores.",
     )
-    p.add_argument("--out", type=Path, default=None,
-                   help="model file to write (default: the package's weights/default.pt)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="model file to write (required: the shipped weights are never replaced "
+                   "by accident; to rebuild them, name src/napari_stem_strain/methods/ccstae/"
+                   "weights/default.pt explicitly)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -27,11 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    from ..methods.ccstae.modelfile import DEFAULT_PATH
     from ..methods.ccstae.train import train_default
 
-    out = args.out or DEFAULT_PATH
+    out = args.out
     if not Path(out).parent.exists():
         raise ValueError(f"output folder {Path(out).parent} does not exist")
     with ProgressBar("train-default", quiet=args.quiet, unit="epoch") as bar:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def train_model(
         _init_bases(model, data)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sig = _signature(data, seed, epochs)
-    start, best, best_state, history, bad = 0, float("inf"), None, [], 0
+    start, best, best_state, history, bad, best_epoch = 0, math.inf, None, [], 0, 0
     if checkpoint is not None and resume and checkpoint.exists():
         try:
             ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -221,7 +222,7 @@ def train_model(
                 net.load_state_dict(ck["state"])
                 opt.load_state_dict(ck["opt"])
                 start, best, history, bad = ck["epoch"], ck["best"], ck["history"], ck["bad"]
-                best_state = ck["best_state"]
+                best_state, best_epoch = ck["best_state"], ck.get("best_epoch", 0)
                 gen.set_state(ck["gen"])
         except Exception:  # noqa: BLE001 - a damaged checkpoint just means starting over
             start = 0
@@ -255,8 +256,8 @@ def train_model(
                 vl += parts["loss"] * len(j)
             vl /= n_val
         history.append({"epoch": epoch + 1, "train": tot / max(cnt, 1), "val": vl})
-        if vl < best - 0.002 * abs(best):  # plateau (< 0.2 % better) counts as no progress
-            best, bad = vl, 0
+        if _improved(vl, best):
+            best, bad, best_epoch = vl, 0, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         else:
             bad += 1
@@ -264,15 +265,25 @@ def train_model(
             tmp = checkpoint.with_name(checkpoint.name + ".tmp")
             torch.save({"signature": sig, "state": net.state_dict(), "opt": opt.state_dict(),
                         "epoch": epoch + 1, "best": best, "history": history, "bad": bad,
-                        "best_state": best_state, "gen": gen.get_state()}, tmp)
+                        "best_state": best_state, "best_epoch": best_epoch,
+                        "gen": gen.get_state()}, tmp)
             tmp.replace(checkpoint)
         if progress is not None:
             progress(epoch + 1, epochs, f"loss {tot / max(cnt, 1):.4f} val {vl:.4f}")
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval().cpu()
-    return model, {"history": history, "best_val": best,
+    return model, {"history": history, "best_val": best, "best_epoch": best_epoch,
                    "stopped_early": len(history) < epochs}
+
+
+def _improved(loss: float, best: float) -> bool:
+    """Whether a held-out ``loss`` counts as progress over ``best``: more than 0.2 % lower (a
+    plateau is no progress). The first finite loss always counts - with ``best = inf`` the
+    relative test alone is ``inf - inf = nan`` and would never hold."""
+    if not math.isfinite(loss):
+        return False
+    return not math.isfinite(best) or loss < best - 0.002 * abs(best)
 
 
 def _same_lattice(model: Model, g1: np.ndarray, g2: np.ndarray, sym: float) -> bool:
@@ -345,6 +356,7 @@ def fit_model(
         "geometry": engine.geom.as_dict(), "lattice_from": "model" if kept else "data",
         "reference": reference, "epochs": epochs, "seed": seed, "patterns": len(data["x"]),
         "best_val": info["best_val"], "epochs_run": len(info["history"]),
+        "best_epoch": info["best_epoch"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     save_model(model, out)
@@ -451,6 +463,7 @@ def train_default(
         "kind": "train-default (simulated hexagonal polycrystals, self-made targets)",
         "recipe": [list(r) for r in DEFAULT_RECIPE], "scan": [scan, scan], "pattern": 128,
         "epochs": epochs, "seed": seed, "patterns": len(data_all["x"]),
-        "best_val": info["best_val"], "seconds": round(time.perf_counter() - t0, 1),
+        "best_val": info["best_val"], "epochs_run": len(info["history"]),
+        "best_epoch": info["best_epoch"], "seconds": round(time.perf_counter() - t0, 1),
     }
     return save_model(model, out)
