@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                             progress=bar, resume=not args.no_resume, reference=args.reference,
                             device=args.device)
     info = load_model(out).training
-    print(f"wrote {out} ({info.get('lattice_from')} lattice, {info.get('epochs_run')} epochs run, "
-          f"weights of epoch {info.get('best_epoch')}, best held-out loss {info.get('best_val', float('nan')):.4f}, "
+    print(f"wrote {out} ({info.get('lattice_from')} lattice, "
+          f"{info.get('epochs_run')} epochs run, weights of epoch {info.get('best_epoch')}, "
+          f"best held-out loss {info.get('best_val', float('nan')):.4f}, "
           f"{info.get('seconds')} s)")
     return 0
