@@ -1,0 +1,133 @@
+"""The fault and bad-input matrix of issue #12: each case is one kind of bad input or fault,
+and each must end in a clear one-line error naming the file and the problem, or a correct
+result - never a traceback, a hang (every case is bounded in time), a silent partial or wrong
+result, a modified input, or code run from a file.
+
+``docs/scaling.md`` ("The fault matrix") lists the kinds and their counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stem_strain.methods.ccstae.modelfile import new_model
+from napari_stem_strain.methods.ccstae.train import train_model
+
+#: Seconds any one case may take (the ``bound(s)`` marker overrides it).
+BOUND_S = 60
+
+HEX = (np.array([1.0, 0.0]), np.array([0.5, np.sqrt(3) / 2]))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def assert_one_line(msg: str, *needles: str) -> None:
+    msg = msg.strip()
+    assert msg and "\n" not in msg, f"not one line: {msg!r}"
+    assert "Traceback" not in msg, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+
+
+@pytest.fixture(autouse=True)
+def _bounded(request):
+    """Every case is bounded in time: SIGALRM fails a case that runs past its bound (a hang
+    becomes a failure, not a stuck suite)."""
+    marker = request.node.get_closest_marker("bound")
+    seconds = int(marker.args[0]) if marker else BOUND_S
+
+    def alarm(signum, frame):
+        raise TimeoutError(f"case ran past its {seconds} s bound (a hang)")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ------------------------------------------------------------------ code run from a file
+
+
+def _train_data(n: int = 16, size: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.rand(n, 1, size, size, generator=g),
+            "A": torch.eye(2).repeat(n, 1, 1) + 0.01 * torch.randn(n, 2, 2, generator=g),
+            "sample": torch.ones(n, dtype=torch.bool)}
+
+
+class _Planted:
+    """Unpickling this creates the file ``marker`` (stands for any code a pickle may run)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _train(model_seed: int, ck: Path | None, epochs: int = 2):
+    return train_model(new_model(*HEX, n=16, width=4, seed=model_seed), _train_data(),
+                       epochs=epochs, seed=0, patience=10, batch=8, checkpoint=ck,
+                       augment=False)
+
+
+def test_planted_checkpoint_pickle_runs_no_code(tmp_path):
+    """``fit`` resumes from ``OUT.ckpt``: a pickle planted there must never run (it is loaded
+    with ``weights_only=True``); the fit starts over and gives the fresh result."""
+    marker = tmp_path / "pwned"
+    ck = tmp_path / "m.pt.ckpt"
+    torch.save({"signature": "x", "payload": _Planted(str(marker))}, ck)
+    ref, ref_info = _train(3, None)
+    model, info = _train(3, ck)
+    assert not marker.exists(), "loading the checkpoint ran code from the file"
+    assert [h["val"] for h in info["history"]] == [h["val"] for h in ref_info["history"]]
+    for k, v in ref.net.state_dict().items():
+        assert torch.equal(v, model.net.state_dict()[k]), k
+
+
+def test_checkpoint_of_another_init_model_is_not_resumed(tmp_path):
+    """A checkpoint left by a fit that started from another ``--init`` model is not resumed:
+    the result equals a fresh fit from this model."""
+    ck = tmp_path / "m.pt.ckpt"
+    _train(3, ck)  # a finished fit from another starting model leaves its checkpoint
+    assert ck.exists()
+    fresh, fresh_info = _train(5, None)
+    model, info = _train(5, ck)
+    assert [h["val"] for h in info["history"]] == [h["val"] for h in fresh_info["history"]]
+    for k, v in fresh.net.state_dict().items():
+        assert torch.equal(v, model.net.state_dict()[k]), k
+
+
+def test_checkpoint_still_resumes_with_weights_only(tmp_path):
+    """The checkpoint holds only what ``weights_only=True`` loads: a cancelled fit resumes and
+    ends with the uninterrupted result."""
+    from napari_stem_strain.methods.base import Cancelled
+
+    ck = tmp_path / "m.pt.ckpt"
+    ref, _ = _train(3, None)
+    seen: list[int] = []
+
+    def again(**kw):
+        return train_model(new_model(*HEX, n=16, width=4, seed=3), _train_data(), epochs=2,
+                           seed=0, patience=10, batch=8, checkpoint=ck, augment=False,
+                           progress=lambda d, t, m: seen.append(d), **kw)
+
+    with pytest.raises(Cancelled):
+        again(should_stop=lambda: len(seen) >= 1)
+    torch.load(ck, weights_only=True)
+    seen.clear()
+    model, info = again()
+    assert seen == [2] and len(info["history"]) == 2
+    for k, v in ref.net.state_dict().items():
+        assert torch.equal(v, model.net.state_dict()[k]), k
