@@ -131,3 +131,67 @@ def test_checkpoint_still_resumes_with_weights_only(tmp_path):
     assert seen == [2] and len(info["history"]) == 2
     for k, v in ref.net.state_dict().items():
         assert torch.equal(v, model.net.state_dict()[k]), k
+
+
+# ------------------------------------------------------------------ the CLI: data loss
+
+
+@pytest.fixture(scope="module")
+def tiny_input(tmp_path_factory) -> Path:
+    from napari_stem_strain.simulate import SimulationSettings, simulate_to_file
+
+    path = tmp_path_factory.mktemp("matrix") / "tiny.h5"
+    simulate_to_file(path, SimulationSettings(scan=(8, 8), pattern=64, seed=1), workers=1)
+    return path
+
+
+def _no_method_may_run(monkeypatch) -> None:
+    from napari_stem_strain import pipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("a method ran although the run was bound to fail")
+
+    monkeypatch.setattr(pipeline, "run_method_on", refuse)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    from napari_stem_strain.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("how", ["same path", "other spelling", "symlink", "hard link"])
+def test_map_out_naming_the_input_is_refused_before_the_work(tiny_input, tmp_path, monkeypatch,
+                                                             capsys, how):
+    src = tmp_path / "in.h5"
+    src.write_bytes(tiny_input.read_bytes())
+    before, ino = sha(src), src.stat().st_ino
+    out = {"same path": src, "other spelling": tmp_path / "." / "in.h5",
+           "symlink": tmp_path / "link.h5", "hard link": tmp_path / "hard.h5"}[how]
+    if how == "symlink":
+        out.symlink_to(src)
+    elif how == "hard link":
+        out.hardlink_to(src)
+    _no_method_may_run(monkeypatch)
+    code, err = _cli(capsys, "map", src, "--method", "py4dstem", "--quiet", "--out", out)
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", "input")
+    assert sha(src) == before and src.stat().st_ino == ino
+
+
+def test_write_results_refuses_to_replace_its_input(tiny_input, tmp_path):
+    """The library guard behind the CLI's: a result group whose input file is the output."""
+    from napari_stem_strain.io.results import MethodMaps, ResultFileError, write_results
+    from napari_stem_strain.methods.base import MethodResult
+
+    src = tmp_path / "in.h5"
+    src.write_bytes(tiny_input.read_bytes())
+    before = sha(src)
+    A = np.tile(np.eye(2, dtype=np.float32), (4, 4, 1, 1))
+    g = MethodMaps.from_result(MethodResult("ae", A, np.ones((4, 4), bool), {}, 1.0, 60.0),
+                               "0:2,0:2", input_file=str(src))
+    with pytest.raises(ResultFileError) as err:
+        write_results(src, [g])
+    assert_one_line(str(err.value), str(src), "input")
+    assert sha(src) == before

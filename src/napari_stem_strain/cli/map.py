@@ -40,13 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io.ground_truth import read_ground_truth
     from ..io.readers import open_dataset
-    from ..io.results import check_writable, write_results
+    from ..io.results import check_not_input, check_writable, write_results
     from ..pipeline import compare_to_truth, run_methods
     from ..strain import parse_region
 
     if args.reference:
         parse_region(args.reference)
     check_writable(args.out)  # fail before the work, not after
+    check_not_input(args.out, args.file)
     t0 = time.perf_counter()
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:

@@ -35,6 +35,7 @@ __all__ = [
     "read_results",
     "ResultFileError",
     "check_writable",
+    "check_not_input",
     "MAP_NAMES",
 ]
 
@@ -100,6 +101,24 @@ def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> None:
             )
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file (same inode: same path, a symlink, a hard link)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_not_input(path: str | os.PathLike, input_file: str | os.PathLike) -> None:
+    """Refuse a result file ``path`` that is the input file itself (the same path, a symlink
+    to it or a hard link): writing the result would replace the user's data."""
+    if input_file and _same_file(path, input_file):
+        raise ResultFileError(
+            f"{path}: this is the input file {input_file}; writing the result there would "
+            "replace the input - choose another output name"
+        )
+
+
 def _write_group(h5: h5py.File, m: MethodMaps) -> None:
     if m.method in h5:
         del h5[m.method]
@@ -149,6 +168,8 @@ def write_results(
     unless ``replace`` is True."""
     path = Path(path)
     check_writable(path)
+    for g in groups:
+        check_not_input(path, g.input_file)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
