@@ -37,6 +37,10 @@ def assert_one_line(msg: str, *needles: str) -> None:
         assert n in msg, f"{n!r} not in {msg!r}"
 
 
+class CaseTimeout(BaseException):
+    """A case ran past its bound (a BaseException: no ``except Exception`` may swallow it)."""
+
+
 @pytest.fixture(autouse=True)
 def _bounded(request):
     """Every case is bounded in time: SIGALRM fails a case that runs past its bound (a hang
@@ -45,7 +49,7 @@ def _bounded(request):
     seconds = int(marker.args[0]) if marker else BOUND_S
 
     def alarm(signum, frame):
-        raise TimeoutError(f"case ran past its {seconds} s bound (a hang)")
+        raise CaseTimeout(f"case ran past its {seconds} s bound (a hang)")
 
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
@@ -195,3 +199,79 @@ def test_write_results_refuses_to_replace_its_input(tiny_input, tmp_path):
         write_results(src, [g])
     assert_one_line(str(err.value), str(src), "input")
     assert sha(src) == before
+
+
+# ------------------------------------------------------------------ model files
+
+
+def _default_dict() -> dict:
+    from napari_stem_strain.methods.ccstae.modelfile import DEFAULT_PATH
+
+    return torch.load(DEFAULT_PATH, map_location="cpu", weights_only=True)
+
+
+def _set(d: dict, where: str, value) -> dict:
+    """``d`` with ``where`` (``"lattice.g1"``, ``"training"``) set to ``value``."""
+    keys = where.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur[k]
+    cur[keys[-1]] = value
+    return d
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_MODELS = [
+    ("lattice.g1", [NAN, 0.0]), ("lattice.g1", [INF, 0.0]), ("lattice.g2", [0.5, NAN]),
+    ("lattice.g2", [2.0, 0.0]), ("lattice.g1", [1.0, 0.0, 0.0]), ("lattice.g1", "abc"),
+    ("lattice.g1", [1e-300, 0.0]),
+    ("lattice.symmetry_deg", 0.0), ("lattice.symmetry_deg", -60.0),
+    ("lattice.symmetry_deg", NAN), ("lattice.symmetry_deg", 45.0),
+    ("lattice.symmetry_deg", 90.0),  # the hexagonal model relabelled square
+    ("geometry.band", NAN), ("geometry.band", 0.0), ("geometry.band", -0.1),
+    ("geometry.band", 1.5), ("geometry.band", INF),
+    ("geometry.extent", NAN), ("geometry.extent", 0.0), ("geometry.extent", -2.6),
+    ("geometry.n", 6848), ("geometry.n", 0), ("geometry.n", -8), ("geometry.n", 10**9),
+    ("geometry.n", 12), ("geometry.n", 32.5), ("geometry.width", 0),
+    ("geometry.width", 100000), ("geometry", [1, 2]),
+    ("training", [1, 2]), ("training", "abc"), ("state_dict", [1, 2]),
+]
+
+
+@pytest.mark.bound(20)
+@pytest.mark.parametrize(("where", "value"), BAD_MODELS,
+                         ids=[f"{w}={v!r}" for w, v in BAD_MODELS])
+def test_bad_model_file_is_one_line_and_cheap(tmp_path, monkeypatch, where, value):
+    """Refused with one line naming the file, before the network is built (an absurd ``n`` or
+    ``width`` allocated gigabytes before the old check)."""
+    from napari_stem_strain.methods.ccstae import modelfile
+
+    path = tmp_path / "bad.pt"
+    torch.save(_set(_default_dict(), where, value), path)
+
+    def no_net(*a, **k):
+        raise AssertionError("the network was built from an invalid model file")
+
+    monkeypatch.setattr(modelfile, "CCSTAE", no_net)
+    with pytest.raises(ValueError) as err:
+        modelfile.load_model(path)
+    assert_one_line(str(err.value), f"model file {path}:")
+
+
+def test_the_shipped_model_passes_the_checks():
+    from napari_stem_strain.methods.ccstae.modelfile import load_model
+
+    m = load_model("default")
+    assert m.symmetry_deg == 60.0 and m.net.n == 32
+
+
+@pytest.mark.bound(90)
+def test_map_with_nan_lattice_model_is_one_line_not_a_hang(tiny_input, tmp_path, capsys):
+    """A NaN ``g1`` passed validation and ``map`` spun in ``refine.lattice_points``."""
+    model = tmp_path / "nan.pt"
+    torch.save(_set(_default_dict(), "lattice.g1", [NAN, 0.0]), model)
+    out = tmp_path / "out.h5"
+    code, err = _cli(capsys, "map", tiny_input, "--quiet", "--device", "cpu", "--model", model,
+                     "--out", out)
+    assert code == 2 and not out.exists()
+    assert_one_line(err, "stem-strain: error:", str(model))
