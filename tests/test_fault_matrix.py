@@ -275,3 +275,93 @@ def test_map_with_nan_lattice_model_is_one_line_not_a_hang(tiny_input, tmp_path,
                      "--out", out)
     assert code == 2 and not out.exists()
     assert_one_line(err, "stem-strain: error:", str(model))
+
+
+# ------------------------------------------------------------------ dask addresses
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("local", ("local", None)), ("local:3", ("local", 3)), ("LOCAL:2", ("local", 2)),
+    ("localhost:3", ("tcp://localhost:3", None)),
+    ("localhost:8786", ("tcp://localhost:8786", None)),
+    ("tcp://10.0.0.1:8786", ("tcp://10.0.0.1:8786", None)),
+    ("10.0.0.1:8786", ("tcp://10.0.0.1:8786", None)),
+    ("tcp://[::1]:8786", ("tcp://[::1]:8786", None)),
+    ("localhost.example.org:8786", ("tcp://localhost.example.org:8786", None)),
+])
+def test_dask_address_means_what_it_says(address, expected):
+    """Only the literal ``local`` / ``local:N`` starts a local cluster (``localhost:3`` was
+    read as 3 local workers, ``localhost:8786`` as 8786 of them)."""
+    import os
+
+    from napari_stem_strain.distributed import parse_address
+
+    got = parse_address(address)
+    if expected == ("local", None):
+        expected = ("local", os.cpu_count() or 1)
+    assert got == expected
+
+
+@pytest.mark.parametrize("address", [
+    "foo:bar", "tcp://host:0", "tcp://host:99999", "tcp://:8786", "tcp://host",
+    "tls://host:8786", "ucx://host:8786", "inproc://x", "http://host:8787", "local:-1",
+    "local:x", "host:8786:1",
+])
+def test_bad_dask_address_is_one_line(address):
+    from napari_stem_strain.distributed import parse_address
+
+    with pytest.raises(ValueError) as err:
+        parse_address(address)
+    assert_one_line(str(err.value), "dask address", repr(address))
+
+
+def _server(kind: str):
+    """A TCP port that accepts and never answers (``silent``) or answers like HTTP."""
+    import socket
+    import threading
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    conns = []
+
+    def loop():
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            conns.append(c)
+            if kind == "http":
+                c.recv(65536)
+                c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=loop, daemon=True).start()
+
+    def close():
+        s.close()
+        for c in conns:
+            c.close()
+
+    return s.getsockname()[1], close
+
+
+@pytest.mark.bound(60)
+@pytest.mark.parametrize("kind", ["silent", "http"])
+def test_scheduler_port_that_does_not_speak_dask_is_one_line(tiny_input, tmp_path, capsys,
+                                                              kind):
+    """A port that accepts TCP but never answers hung in ``Client.__init__`` (the connect
+    timeout did not cover the handshake); an HTTP port gave ``MemoryError: 3.07 EiB``."""
+    import time
+
+    port, close = _server(kind)
+    out = tmp_path / "out.h5"
+    t0 = time.monotonic()
+    try:
+        code, err = _cli(capsys, "map", tiny_input, "--method", "py4dstem", "--quiet",
+                         "--out", out, "--dask", f"tcp://127.0.0.1:{port}")
+    finally:
+        close()
+    assert code == 2 and not out.exists()
+    assert_one_line(err, "stem-strain: error:", f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 40

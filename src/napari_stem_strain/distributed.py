@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -54,7 +55,8 @@ from .methods.base import (
     check_stop,
 )
 
-__all__ = ["run_method_dask", "ClusterError", "DatasetRef", "parse_address", "block_ranges"]
+__all__ = ["run_method_dask", "ClusterError", "DatasetRef", "parse_address", "probe_scheduler",
+           "block_ranges"]
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +73,22 @@ class ClusterError(ConnectionError):
 # Addresses and blocks
 
 
-def parse_address(address: str) -> tuple[str, int | None]:
-    """``"local:N"`` -> ``("local", N)``; ``"tcp://host:port"`` (or ``host:port``) -> as is.
+_LOCAL = re.compile(r"local(?::(?P<n>.*))?", re.IGNORECASE)
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[^:]*)")
 
-    Raises ``ValueError`` naming the problem for anything else.
+
+def parse_address(address: str) -> tuple[str, int | None]:
+    """``"local"`` / ``"local:N"`` -> ``("local", N)`` (a local cluster; only these literal
+    words); ``"tcp://host:port"`` or ``"host:port"`` -> ``("tcp://host:port", None)`` (an
+    existing scheduler: ``localhost:8786`` is a scheduler, not 8786 local workers).
+
+    Raises ``ValueError`` naming the problem for anything else (a port that is not a number,
+    a protocol other than tcp://).
     """
     text = str(address).strip()
-    if text.lower().startswith("local"):
-        _, _, n = text.partition(":")
+    local = _LOCAL.fullmatch(text)
+    if local:
+        n = local.group("n")
         try:
             workers = int(n) if n else (os.cpu_count() or 1)
         except ValueError:
@@ -88,12 +98,65 @@ def parse_address(address: str) -> tuple[str, int | None]:
         if workers < 1:
             raise ValueError(f"dask address {address!r}: need at least one local worker")
         return "local", workers
-    if not text or (":" not in text and "://" not in text):
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    if scheme.lower() != "tcp":
+        raise ValueError(
+            f"dask address {address!r}: the {scheme}:// protocol is not supported (TLS and UCX "
+            "need settings stem-strain does not make); use tcp://host:port or local:N"
+        )
+    m = _HOST_PORT.fullmatch(rest)
+    if not m:
         raise ValueError(
             f"dask address {address!r} is neither local:N nor a scheduler address such as "
             "tcp://host:8786"
         )
-    return text, None
+    port = m.group("port")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"dask address {address!r}: the port {port!r} is not a number "
+                         "from 1 to 65535")
+    return f"tcp://{m.group('host')}:{int(port)}", None
+
+
+def probe_scheduler(address: str, timeout: float) -> None:
+    """Check that a dask scheduler answers at ``address`` (from :func:`parse_address`) within
+    ``timeout`` seconds, the whole connection *and* handshake included.
+
+    ``distributed.Client``'s own timeout covers only the TCP connect: a port that accepts and
+    never answers hung it for ever, and a port that answers something else (an HTTP server,
+    the dashboard) made it allocate exabytes. Raises :class:`ClusterError` (one line)."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed.comm import connect
+
+    async def handshake() -> None:
+        comm = await connect(address, timeout=timeout)
+        await comm.close()
+
+    def run() -> None:
+        asyncio.run(asyncio.wait_for(handshake(), timeout))
+
+    # a thread of its own: the caller's thread may already run an event loop
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-probe")
+    try:
+        pool.submit(run).result(timeout + 5)
+    except TimeoutError:
+        raise ClusterError(
+            f"dask: nothing at {address} answered as a dask scheduler within {timeout:g} s "
+            "(the port accepts connections but does not speak the dask protocol)"
+        ) from None
+    except OSError as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ClusterError(f"cannot reach the dask scheduler at {address} ({msg})") from None
+    except Exception as err:  # noqa: BLE001 - MemoryError, protocol errors: not a scheduler
+        raise ClusterError(
+            f"dask: {address} does not answer as a dask scheduler ({type(err).__name__}; is "
+            "it the dashboard or another service? the scheduler listens on 8786 by default)"
+        ) from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def block_ranges(Rx: int, rows: int) -> list[tuple[int, int]]:
@@ -278,6 +341,7 @@ def _client_for(address: str, local_processes: bool, connect_timeout: float
         finally:
             cluster.close()
         return
+    probe_scheduler(where, connect_timeout)
     try:
         client = Client(where, timeout=f"{connect_timeout}s")
     except (OSError, TimeoutError) as err:
@@ -318,7 +382,9 @@ def run_method_dask(
     ``should_stop()`` is polled about every 0.2 s and cancels the run (:class:`Cancelled`).
     Raises :class:`ClusterError` when the cluster cannot finish the run.
     """
-    parse_address(address)  # a bad address fails before prepare()
+    where, _ = parse_address(address)  # a bad address fails before prepare()
+    if where != "local":
+        probe_scheduler(where, connect_timeout)  # so does a scheduler that does not answer
     t0 = time.perf_counter()
     if not prepared:
         method.prepare(dataset, progress=progress, should_stop=should_stop)
