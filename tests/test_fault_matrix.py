@@ -365,3 +365,134 @@ def test_scheduler_port_that_does_not_speak_dask_is_one_line(tiny_input, tmp_pat
     assert code == 2 and not out.exists()
     assert_one_line(err, "stem-strain: error:", f"127.0.0.1:{port}")
     assert time.monotonic() - t0 < 40
+
+
+# ------------------------------------------------------------------ result files
+
+
+def _group(method: str = "ae", input_file: str = "", shape=(6, 5)):
+    from napari_stem_strain.io.results import MethodMaps
+    from napari_stem_strain.methods.base import MethodResult
+
+    A = np.tile(np.eye(2, dtype=np.float32), (*shape, 1, 1))
+    return MethodMaps.from_result(MethodResult(method, A, np.ones(shape, bool), {}, 1.0, 60.0),
+                                  "0:2,0:2", input_file=input_file)
+
+
+def test_two_writers_at_once_both_land(tmp_path, monkeypatch):
+    """Two writers adding different method groups to one file at the same moment: both groups
+    land (each re-reads the file under a lock). Before: one group was silently dropped."""
+    import threading
+    import time
+
+    from napari_stem_strain.io import results as results_mod
+
+    slow = results_mod._write_group
+
+    def slow_write(h5, m):
+        time.sleep(0.3)  # widen the window between reading the old file and renaming
+        slow(h5, m)
+
+    monkeypatch.setattr(results_mod, "_write_group", slow_write)
+    path = tmp_path / "r.h5"
+    errors: list[BaseException] = []
+
+    def write(method):
+        try:
+            results_mod.write_results(path, [_group(method)])
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(m,)) for m in ("ae", "py4dstem")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert sorted(results_mod.read_results(path)) == ["ae", "py4dstem"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
+
+
+_WRITER = r"""
+import sys, time
+import numpy as np
+from napari_stem_strain.io.results import MethodMaps, write_results
+from napari_stem_strain.methods.base import MethodResult
+path, method, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+A = np.tile(np.eye(2, dtype=np.float32), (200, 200, 1, 1))
+g = MethodMaps.from_result(MethodResult(method, A, np.ones((200, 200), bool), {}, 1.0, 60.0),
+                           "0:2,0:2")
+time.sleep(max(0.0, start - time.time()))
+write_results(path, [g])
+"""
+
+
+@pytest.mark.bound(120)
+def test_two_processes_writing_one_result_file_both_land(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    for attempt in range(3):
+        path = tmp_path / f"r{attempt}.h5"
+        start = time.time() + 6
+        procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), m, str(start)],
+                                  stderr=subprocess.PIPE, text=True)
+                 for m in ("ae", "py4dstem")]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        from napari_stem_strain.io.results import read_results
+
+        assert sorted(read_results(path)) == ["ae", "py4dstem"], f"attempt {attempt}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_result_file_mode_follows_the_umask(tmp_path, umask):
+    import os
+
+    from napari_stem_strain.io.results import write_results
+
+    old = os.umask(umask)
+    try:
+        path = write_results(tmp_path / "r.h5", [_group()])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_replacing_a_result_file_keeps_its_mode(tmp_path):
+    from napari_stem_strain.io.results import write_results
+
+    path = write_results(tmp_path / "r.h5", [_group()])
+    path.chmod(0o640)
+    write_results(path, [_group("py4dstem")])
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_input_file_is_stored_absolute(tiny_input, tmp_path, monkeypatch, capsys):
+    from napari_stem_strain.io.results import read_results
+
+    (tmp_path / "in.h5").write_bytes(tiny_input.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, "map", "in.h5", "--method", "py4dstem", "--quiet",
+                     "--out", "out.h5")
+    assert code == 0, err
+    got = read_results(tmp_path / "out.h5")["py4dstem"].input_file
+    assert Path(got).is_absolute() and Path(got).samefile(tmp_path / "in.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "out.h5") as h5:
+        assert Path(h5.attrs["input_file"]).is_absolute()
+
+
+def test_stray_temporary_of_a_killed_write_is_cleaned(tmp_path):
+    """A write killed mid-way leaves ``.NAME.XXXX.tmp``; the next write of NAME removes it."""
+    from napari_stem_strain.io.results import write_results
+
+    stray = tmp_path / ".r.h5.k1ll3d.tmp"
+    stray.write_bytes(b"half an HDF5 file")
+    other = tmp_path / ".other.h5.abcd.tmp"  # another result's: not ours to remove
+    other.write_bytes(b"x")
+    write_results(tmp_path / "r.h5", [_group()])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.h5.abcd.tmp", "r.h5"]
