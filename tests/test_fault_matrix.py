@@ -496,3 +496,75 @@ def test_stray_temporary_of_a_killed_write_is_cleaned(tmp_path):
     other.write_bytes(b"x")
     write_results(tmp_path / "r.h5", [_group()])
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.h5.abcd.tmp", "r.h5"]
+
+
+# ------------------------------------------------------------------ input changed mid-run
+
+
+def _truncate(p: Path) -> None:
+    with open(p, "r+b") as fh:
+        fh.truncate(p.stat().st_size // 2)
+
+
+def _rewrite_in_place_keeping_mtime(p: Path) -> None:
+    """Same size, same mtime, different bytes (a file rewritten in place, mtime restored)."""
+    import os
+
+    st = p.stat()
+    with open(p, "r+b") as fh:
+        fh.seek(st.st_size - 4096)
+        block = bytearray(fh.read(4096))
+        block[100:200] = bytes(255 - b for b in block[100:200])
+        fh.seek(st.st_size - 4096)
+        fh.write(block)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _append(p: Path) -> None:
+    with open(p, "ab") as fh:
+        fh.write(b"\0" * 4096)
+
+
+def _replace_by_another(p: Path) -> None:
+    other = p.with_name("other.h5")
+    other.write_bytes(p.read_bytes())
+    other.replace(p)
+
+
+CHANGES = {"truncated": _truncate, "rewritten in place": _rewrite_in_place_keeping_mtime,
+           "appended to": _append, "replaced": _replace_by_another}
+
+
+@pytest.mark.bound(90)
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_input_changed_during_the_run_is_refused(tiny_input, tmp_path, monkeypatch, capsys,
+                                                 change):
+    """A file truncated or rewritten while ``map`` runs gave a half or mixed map with exit 0:
+    the input's size, mtime, inode and a checksum of a few blocks are taken at the start and
+    the result is not written when they changed."""
+    from napari_stem_strain import pipeline
+
+    src = tmp_path / "in.h5"
+    src.write_bytes(tiny_input.read_bytes())
+    real = pipeline.run_method_on
+
+    def run_then_change(*a, **k):
+        res = real(*a, **k)
+        CHANGES[change](src)
+        return res
+
+    monkeypatch.setattr(pipeline, "run_method_on", run_then_change)
+    out = tmp_path / "out.h5"
+    code, err = _cli(capsys, "map", src, "--method", "py4dstem", "--quiet", "--out", out)
+    assert code == 2, err
+    assert_one_line(err, "stem-strain: error:", str(src), "changed")
+    assert not out.exists()
+
+
+def test_unchanged_input_is_mapped(tiny_input, tmp_path, capsys):
+    """The control: the same run without a change writes its result."""
+    src = tmp_path / "in.h5"
+    src.write_bytes(tiny_input.read_bytes())
+    code, err = _cli(capsys, "map", src, "--method", "py4dstem", "--quiet", "--out",
+                     tmp_path / "out.h5")
+    assert code == 0, err

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.ground_truth import read_ground_truth
     from ..io.readers import open_dataset
     from ..io.results import check_not_input, check_writable, write_results
+    from ..io.stamp import InputStamp
     from ..pipeline import compare_to_truth, run_methods
     from ..strain import parse_region
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)  # fail before the work, not after
     check_not_input(args.out, args.file)
     t0 = time.perf_counter()
+    stamp = InputStamp.take(args.file)  # the result is refused if the input changes meanwhile
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
         n_groups = 2 if args.method == "both" else 1
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
             groups = run_methods(ds, args.method, reference=reference, model=args.model,
                                  device=args.device, batch_size=args.batch_size, progress=bar,
                                  dask_address=args.dask)
+    if stamp is not None:
+        stamp.check()
     write_results(args.out, list(groups.values()))
     seconds = time.perf_counter() - t0
     n = ds.scan_shape[0] * ds.scan_shape[1]
