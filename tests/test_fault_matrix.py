@@ -568,3 +568,109 @@ def test_unchanged_input_is_mapped(tiny_input, tmp_path, capsys):
     code, err = _cli(capsys, "map", src, "--method", "py4dstem", "--quiet", "--out",
                      tmp_path / "out.h5")
     assert code == 0, err
+
+
+# ------------------------------------------------------------------ tracebacks
+
+
+@pytest.mark.bound(90)
+def test_map_scan_shape_on_a_simulated_file_then_compare(tiny_input, tmp_path, capsys):
+    """``--scan-shape`` on a simulated file: its ground truth (8 x 8) does not describe the
+    re-shaped scan (4 x 16); the map is written, no comparison is made (it was an IndexError
+    in ``compare_to_truth``), and the simulated reference region is not used for it."""
+    out = tmp_path / "out.h5"
+    code, err = _cli(capsys, "map", tiny_input, "--method", "py4dstem", "--quiet",
+                     "--scan-shape", 4, 16, "--out", out)
+    assert code == 0, err
+    assert out.exists()
+    assert "ground truth" in err and "Traceback" not in err
+
+
+def test_compare_to_truth_of_another_shape_is_one_line():
+    from napari_stem_strain.io.ground_truth import GroundTruth
+    from napari_stem_strain.pipeline import compare_to_truth
+
+    z = np.zeros((8, 8), np.float32)
+    truth = GroundTruth(z, z, z, z, np.ones((8, 8), bool), 60.0, "0:2,0:2")
+    with pytest.raises(ValueError) as err:
+        compare_to_truth({"ae": _group(shape=(4, 16))}, truth)
+    assert_one_line(str(err.value), "(4, 16)", "(8, 8)")
+
+
+@pytest.fixture(scope="module")
+def one_row_input(tmp_path_factory) -> Path:
+    from napari_stem_strain.simulate import SimulationSettings, simulate_to_file
+
+    path = tmp_path_factory.mktemp("row") / "row.h5"
+    simulate_to_file(path, SimulationSettings(scan=(1, 40), pattern=64, seed=1), workers=1)
+    return path
+
+
+@pytest.mark.bound(60)
+def test_fit_on_a_one_row_scan_is_one_line(one_row_input, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    code, err = _cli(capsys, "fit", one_row_input, "--quiet", "--device", "cpu", "--out", out)
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", str(one_row_input), "1 x 40")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fit_checks_free_space_before_the_work(tiny_input, tmp_path, monkeypatch, capsys):
+    """Only the folder's existence was checked: a full disk failed after the whole fit."""
+    import shutil
+    from collections import namedtuple
+
+    from napari_stem_strain.methods import ccstae
+
+    def refuse(*a, **k):
+        raise AssertionError("fit ran although it was bound to fail")
+
+    monkeypatch.setattr(ccstae, "fit_model", refuse)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30, 1024))
+    code, err = _cli(capsys, "fit", tiny_input, "--quiet", "--out", tmp_path / "m.pt")
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", "MiB free")
+
+
+_FULL_DISK_FIT = r"""
+import resource, signal, sys
+from pathlib import Path
+import numpy as np, torch
+from napari_stem_strain.methods.ccstae.modelfile import new_model, save_model
+from napari_stem_strain.methods.ccstae.train import train_model
+what, folder = sys.argv[1], Path(sys.argv[2])
+m = new_model(np.array([1.0, 0.0]), np.array([0.5, 3 ** 0.5 / 2]), n=16, width=4)
+g = torch.Generator().manual_seed(0)
+data = {"x": torch.rand(16, 1, 16, 16, generator=g), "A": torch.eye(2).repeat(16, 1, 1),
+        "sample": torch.ones(16, dtype=torch.bool)}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    if what == "checkpoint":
+        train_model(m, data, epochs=1, batch=8, checkpoint=folder / "m.pt.ckpt", augment=False)
+    else:
+        save_model(m, folder / "m.pt")
+except OSError as err:
+    print("OSError:", str(err).splitlines()[0])
+    sys.exit(2)
+except BaseException as err:
+    print(type(err).__name__ + ":", str(err).splitlines()[0] if str(err) else "")
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+@pytest.mark.bound(90)
+@pytest.mark.parametrize("what", ["checkpoint", "model"])
+def test_disk_full_while_fit_writes_is_one_line_and_leaves_nothing(tmp_path, what):
+    """A full disk while ``fit`` writes its checkpoint or model: one OSError line (it was a
+    RuntimeError traceback) and no stray ``.tmp``."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK_FIT, what, str(tmp_path)],
+                       capture_output=True, text=True, timeout=80)
+    assert r.returncode == 2 and r.stdout.startswith("OSError:"), (r.stdout, r.stderr[-2000:])
+    assert "\n" not in r.stdout.strip()
+    assert list(tmp_path.iterdir()) == []

@@ -159,6 +159,10 @@ def compare_to_truth(groups: dict[str, MethodMaps], truth: Any) -> dict[str, dic
 
     table: dict[str, dict[str, float]] = {}
     for name, g in groups.items():
+        shape = tuple(np.shape(g.maps.exx))
+        if shape != tuple(np.shape(truth.exx)):
+            raise ValueError(f"cannot compare {name}: its maps are {shape}, the ground truth "
+                             f"{tuple(np.shape(truth.exx))} (was the scan re-shaped?)")
         row = {}
         for comp in ("exx", "eyy", "exy"):
             row[comp] = mae(getattr(g.maps, comp), getattr(truth, comp), truth.sample)

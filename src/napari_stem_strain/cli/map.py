@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out, needed_bytes=n_groups * ds.scan_shape[0] * ds.scan_shape[1]
                        * (4 * 4 + 2 * 16 + 1) + 2**20)
         truth = read_ground_truth(args.file)  # None unless it is a simulated HDF5 file
+        if truth is not None and tuple(truth.scan_shape) != tuple(ds.scan_shape):
+            print(f"stem-strain: note: the ground truth of {args.file} is "
+                  f"{truth.scan_shape[0]} x {truth.scan_shape[1]}, the scan as read "
+                  f"{ds.scan_shape[0]} x {ds.scan_shape[1]}: not compared, and its reference "
+                  "region not used", file=sys.stderr)
+            truth = None
         reference = args.reference or (truth.reference if truth is not None else None)
         with ProgressBar("map", quiet=args.quiet, unit="pattern") as bar:
             groups = run_methods(ds, args.method, reference=reference, model=args.model,

@@ -83,8 +83,13 @@ def save_model(model: Model, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.to_dict(), tmp)
-    tmp.replace(path)
+    try:
+        torch.save(model.to_dict(), tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:  # disk full, no permission: one line, no temporary
+        tmp.unlink(missing_ok=True)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"cannot write the model file {path}: {msg}") from None
     return path
 
 

@@ -197,6 +197,19 @@ def _signature(data: dict[str, torch.Tensor], seed: int, epochs: int,
     return h.hexdigest()[:16]
 
 
+def _save_checkpoint(path: Path, ck: dict[str, Any]) -> None:
+    """Write ``ck`` atomically (a temporary, then a rename). A failed write (disk full, no
+    permission) leaves no temporary and is one ``OSError`` line."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(ck, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"cannot write the fit's checkpoint {path}: {msg}") from None
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
     """The checkpoint at ``path``, or None when it cannot be used (damaged, or not one).
 
@@ -289,12 +302,10 @@ def train_model(
         else:
             bad += 1
         if checkpoint is not None:
-            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-            torch.save({"signature": sig, "state": net.state_dict(), "opt": opt.state_dict(),
-                        "epoch": epoch + 1, "best": best, "history": history, "bad": bad,
-                        "best_state": best_state, "best_epoch": best_epoch,
-                        "gen": gen.get_state()}, tmp)
-            tmp.replace(checkpoint)
+            _save_checkpoint(checkpoint, {
+                "signature": sig, "state": net.state_dict(), "opt": opt.state_dict(),
+                "epoch": epoch + 1, "best": best, "history": history, "bad": bad,
+                "best_state": best_state, "best_epoch": best_epoch, "gen": gen.get_state()})
         if progress is not None:
             progress(epoch + 1, epochs, f"loss {tot / max(cnt, 1):.4f} val {vl:.4f}")
     if best_state is not None:
