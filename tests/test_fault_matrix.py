@@ -674,3 +674,55 @@ def test_disk_full_while_fit_writes_is_one_line_and_leaves_nothing(tmp_path, wha
     assert r.returncode == 2 and r.stdout.startswith("OSError:"), (r.stdout, r.stderr[-2000:])
     assert "\n" not in r.stdout.strip()
     assert list(tmp_path.iterdir()) == []
+
+
+_FULL_DISK_WRITE = r"""
+import resource, sys
+import numpy as np
+from napari_stem_strain.io.results import MethodMaps, write_results
+from napari_stem_strain.methods.base import MethodResult
+n, lim = int(sys.argv[2]), int(sys.argv[3])
+A = np.tile(np.eye(2, dtype=np.float32), (n, n, 1, 1))
+A[..., 0, 0] += np.random.default_rng(0).normal(0, 0.01, (n, n)).astype(np.float32)
+g = MethodMaps.from_result(MethodResult("ae", A, np.ones((n, n), bool), {}, 1.0, 60.0),
+                           "0:4,0:4")
+resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))
+try:
+    write_results(sys.argv[1], [g])
+except OSError as err:
+    print("OSError:", str(err).splitlines()[0])
+    sys.exit(2)
+"""
+
+
+@pytest.mark.bound(60)
+@pytest.mark.parametrize(("n", "limit"), [(48, 100 * 1024), (100, 100 * 1024),
+                                          (100, 256 * 1024), (300, 100 * 1024)])
+def test_disk_full_during_the_result_write_is_one_line(tmp_path, n, limit):
+    """The disk filling while HDF5 flushes its metadata gave "Exception ignored ...
+    RuntimeError" tracebacks and a segmentation fault (exit 139) - whatever the point where
+    the write fails, it is one OSError line and nothing is left behind."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITE, str(tmp_path / "o.h5"),
+                        str(n), str(limit)], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    assert r.stdout.startswith("OSError:") and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_size_limit_is_checked_before_the_work(tmp_path):
+    """``ulimit -f`` below what the result needs is refused up front, like a full disk."""
+    import resource
+
+    from napari_stem_strain.io.results import check_writable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(OSError) as err:
+            check_writable(tmp_path / "o.h5", needed_bytes=2**20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line(str(err.value), "o.h5", "ulimit")

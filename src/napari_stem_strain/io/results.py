@@ -17,6 +17,7 @@ mode the umask allows. A result file that is its own input is refused (:func:`ch
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -98,6 +99,18 @@ def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> None:
         raise OSError(f"cannot write {path}: the file is read-only")
     if needed_bytes:
         import shutil
+
+        try:
+            import resource
+
+            limit, infinite = resource.getrlimit(resource.RLIMIT_FSIZE)[0], resource.RLIM_INFINITY
+        except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+            limit, infinite = -1, -1
+        if limit != infinite and 0 <= limit < needed_bytes:
+            raise OSError(
+                f"cannot write {path}: the file-size limit (ulimit -f) is "
+                f"{limit / 2**20:.2f} MiB, about {needed_bytes / 2**20:.1f} MiB needed"
+            )
 
         free = shutil.disk_usage(folder).free
         if free < needed_bytes:
@@ -272,7 +285,12 @@ def _write_locked(path: Path, groups: list[MethodMaps], replace: bool) -> None:
         except OSError:
             mode = 0o666 & ~_umask()
         os.chmod(tmp, mode)
-        with _closing_as_oserror(h5py.File(tmp, "w"), path) as out:
+        # HDF5 builds the file in memory and Python writes the bytes: a disk that fills (or a
+        # file-size limit) during the write is then a plain OSError. Straight to disk, HDF5
+        # failing to flush its metadata printed "Exception ignored" tracebacks and crashed
+        # the interpreter (segmentation fault) at exit.
+        buf = io.BytesIO()
+        with _closing_as_oserror(h5py.File(buf, "w"), path) as out:
             if path.exists() and not replace:
                 try:
                     with h5py.File(path, "r") as old:
@@ -292,6 +310,14 @@ def _write_locked(path: Path, groups: list[MethodMaps], replace: bool) -> None:
                 out.attrs["input_file"] = groups[-1].input_file
             out.attrs["software_version"] = f"napari-stem-strain {__version__}"
             out.attrs["layout"] = "napari-stem-strain results v1 (CONVENTIONS.md)"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(buf.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+        del buf
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
