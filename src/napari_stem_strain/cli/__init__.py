@@ -2,13 +2,16 @@
 
 Each sub-command lives in its own small module exposing ``register(subparsers)``; ``main``
 turns every expected failure (bad input, unwritable output, cancel) into one clear line on
-stderr and a non-zero exit status, never a traceback.
+stderr and a non-zero exit status (2), never a traceback. An unexpected failure - a bug - is
+one line too (exit status 3) naming the command, the file and the error;
+``STEM_STRAIN_DEBUG=1`` lets its traceback through.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +55,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"stem-strain: error: {msg}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"stem-strain: error: {args.command}{_on(args)}: out of memory", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the last net: one line, never a traceback
+        if os.environ.get("STEM_STRAIN_DEBUG"):
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"stem-strain: error: {args.command}{_on(args)} failed unexpectedly "
+              f"({type(err).__name__}{': ' + msg if msg else ''}); please report it - "
+              "STEM_STRAIN_DEBUG=1 shows the traceback", file=sys.stderr)
+        return 3
+
+
+def _on(args: argparse.Namespace) -> str:
+    """`` on FILE`` for a command that reads one."""
+    path = getattr(args, "file", None)
+    return f" on {path}" if path else ""
 
 
 if __name__ == "__main__":  # pragma: no cover
