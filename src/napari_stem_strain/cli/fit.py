@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
                             progress=bar, resume=not args.no_resume, reference=args.reference,
                             device=args.device)
     info = load_model(out).training
-    best_val = info.get("best_val", float("nan"))
-    print(f"wrote {out} ({info.get('lattice_from')} lattice, {info.get('epochs_run')} epochs "
-          f"run, weights of epoch {info.get('best_epoch')}, best held-out loss {best_val:.4f}, "
+    print(f"wrote {out} ({info.get('lattice_from')} lattice, {info.get('epochs_run')} epochs run, "
+          f"weights of epoch {info.get('best_epoch')}, "
+          f"best held-out loss {info.get('best_val', float('nan')):.4f}, "
           f"{info.get('seconds')} s)")
     return 0
