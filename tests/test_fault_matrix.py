@@ -756,3 +756,39 @@ def test_ccstae_on_odd_real_files_is_one_line(shared_formats, tmp_path, capsys, 
         return
     assert code in (2, 3) and not out.exists()
     assert_one_line(err, "stem-strain: error:", name)
+
+
+# ------------------------------------------------------------------ odd paths
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_bad_symlink_input_is_named_as_such(tmp_path, capsys, kind):
+    """A symlink loop was reported as "no such file"."""
+    a = tmp_path / "in.h5"
+    if kind == "loop":
+        b = tmp_path / "b.h5"
+        a.symlink_to(b)
+        b.symlink_to(a)
+        needle = "loop"
+    else:
+        a.symlink_to(tmp_path / "gone.h5")
+        needle = "gone.h5"
+    code, err = _cli(capsys, "map", a, "--quiet", "--out", tmp_path / "out.h5")
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", str(a), "symbolic link", needle)
+
+
+@pytest.mark.bound(90)
+def test_input_name_that_is_not_utf8_is_mapped(tiny_input, tmp_path, capsys):
+    """A file name with a byte that is not UTF-8 failed only after the whole map (HDF5 cannot
+    store the name as text); the name is stored with that byte escaped."""
+    import os
+
+    src = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xffname.h5"))
+    src.write_bytes(tiny_input.read_bytes())
+    out = tmp_path / "out.h5"
+    code, err = _cli(capsys, "map", src, "--method", "py4dstem", "--quiet", "--out", out)
+    assert code == 0, err
+    from napari_stem_strain.io.results import read_results
+
+    assert read_results(out)["py4dstem"].input_file.endswith("bad\\xffname.h5")

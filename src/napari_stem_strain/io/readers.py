@@ -23,6 +23,7 @@ DataError asking for ``scan_shape``. Any other dimensionality is a DataError nam
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,14 @@ def _check_path(path: Any) -> Path:
     except TypeError:
         raise DataError(f"{path!r}: not a file path") from None
     if not p.exists():
+        if p.is_symlink():
+            try:
+                os.stat(p)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise fail(p, "is a symbolic link loop") from None
+            raise fail(p, f"is a broken symbolic link (to {os.readlink(p)}, which does not "
+                          "exist)")
         raise fail(p, "no such file")
     if p.is_dir():
         raise fail(p, "is a folder, not a file")

@@ -138,6 +138,12 @@ def check_not_input(path: str | os.PathLike, input_file: str | os.PathLike) -> N
         )
 
 
+def _text(name: str) -> str:
+    """A file name as text HDF5 can store: bytes that are not UTF-8 (a name the system gave
+    Python as surrogate escapes) are written as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _write_group(h5: h5py.File, m: MethodMaps) -> None:
     if m.method in h5:
         del h5[m.method]
@@ -150,7 +156,7 @@ def _write_group(h5: h5py.File, m: MethodMaps) -> None:
     g.attrs["symmetry_deg"] = float(m.symmetry_deg)
     g.attrs["settings"] = json.dumps(m.settings, default=str)
     g.attrs["seconds"] = float(m.seconds)
-    g.attrs["input_file"] = m.input_file
+    g.attrs["input_file"] = _text(m.input_file)
     g.attrs["software_version"] = f"napari-stem-strain {__version__}"
 
 
@@ -307,7 +313,7 @@ def _write_locked(path: Path, groups: list[MethodMaps], replace: bool) -> None:
                 _write_group(out, m)
             if groups:
                 out.attrs["reference"] = groups[-1].reference
-                out.attrs["input_file"] = groups[-1].input_file
+                out.attrs["input_file"] = _text(groups[-1].input_file)
             out.attrs["software_version"] = f"napari-stem-strain {__version__}"
             out.attrs["layout"] = "napari-stem-strain results v1 (CONVENTIONS.md)"
         try:
