@@ -792,3 +792,45 @@ def test_input_name_that_is_not_utf8_is_mapped(tiny_input, tmp_path, capsys):
     from napari_stem_strain.io.results import read_results
 
     assert read_results(out)["py4dstem"].input_file.endswith("bad\\xffname.h5")
+
+
+# ------------------------------------------------------------------ absurd declared sizes
+
+_OPEN_HUGE = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+from napari_stem_strain.io.errors import DataError
+from napari_stem_strain.io.readers import open_dataset
+try:
+    with open_dataset(sys.argv[1]) as ds:
+        for _ in ds.iter_blocks():
+            break
+except DataError as err:
+    print("DataError:", err)
+    sys.exit(2)
+except BaseException as err:
+    print(type(err).__name__ + ":", err)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.bound(60)
+@pytest.mark.parametrize(("shape", "needle"), [((1000, 1000, 4096, 4096), "scan row"),
+                                               ((2, 2, 65535, 65535), "pattern")])
+def test_absurd_declared_size_is_refused_at_open(tmp_path, shape, needle):
+    """A 1.4 kB file declaring rows of 1000 x 4096^2 or 65535^2 patterns: refused at open in
+    one line saying why, before anything of that size is allocated (it tried the allocation:
+    "out of memory", or a "truncated or corrupt file?" guess)."""
+    import subprocess
+    import sys
+
+    import h5py
+
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", shape=shape, dtype="uint16", chunks=(1, 1, 256, 256))
+    r = subprocess.run([sys.executable, "-c", _OPEN_HUGE, str(path)], capture_output=True,
+                       text=True, timeout=50)
+    assert r.returncode == 2, (r.stdout, r.stderr[-1500:])
+    assert_one_line(r.stdout, "DataError:", str(path), needle, "GiB")
+    assert "corrupt" not in r.stdout

@@ -25,6 +25,8 @@ __all__ = [
     "to_4d",
     "probe",
     "probe_frames",
+    "check_read_size",
+    "memory_bytes",
     "square_scan",
     "MIN_PATTERN",
 ]
@@ -232,10 +234,43 @@ def _reshape_frames(data: Any, scan_shape: tuple[int, int]) -> Any:
     return FrameStack([frames_3d(data)], (rx, ry))
 
 
+def memory_bytes() -> int:
+    """The memory this process may use: physical memory, or less under ``ulimit -v``."""
+    import os
+
+    try:
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        mem = 16 * 2**30
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            mem = min(mem, soft)
+    except (ImportError, OSError, ValueError):  # pragma: no cover
+        pass
+    return int(mem)
+
+
+def check_read_size(path: Path, n_values: int, what: str, hint: str = "") -> None:
+    """Refuse, before reading it, a single read of ``n_values`` values (one pattern, one scan
+    row) that would take more than a quarter of the memory as float32: a tiny file may declare
+    an absurd array, and the allocation would fail (or swap the machine) instead."""
+    need, mem = 4 * int(n_values), memory_bytes()
+    if need > mem // 4:
+        raise fail(path, f"{what} is {need / 2**30:.1f} GiB as float32, more than a quarter "
+                         f"of the memory ({mem / 2**30:.1f} GiB){hint}")
+
+
 def probe(path: Path, data: Any, what: str = "data") -> None:
     """Read the first and the last pattern so a truncated or corrupt file fails now, in one
     clear line, instead of half-way through a long run."""
     shape = tuple(int(s) for s in data.shape)
+    if len(shape) >= 2:
+        check_read_size(path, shape[-2] * shape[-1],
+                        f"one pattern ({shape[-2]} x {shape[-1]}) of the {what}",
+                        ": not a diffraction pattern this tool can map")
     try:
         for idx in ((0, 0), (shape[0] - 1, shape[1] - 1)):
             block = data[idx[0]:idx[0] + 1, idx[1]:idx[1] + 1]
@@ -250,6 +285,11 @@ def probe(path: Path, data: Any, what: str = "data") -> None:
 def probe_frames(path: Path, dset: Any, what: str = "frames", axis: int = 0) -> None:
     """Like :func:`probe` for a frame stack read directly (an h5py dataset): the first and
     last frame along ``axis`` only, whatever view is built over it."""
+    shape = tuple(int(s) for s in dset.shape)
+    frame = int(np.prod(shape)) // max(1, shape[axis])
+    dims = " x ".join(str(s) for k, s in enumerate(shape) if k != axis)
+    check_read_size(path, frame, f"one frame ({dims}) of the {what}",
+                    ": not a diffraction pattern this tool can map")
     try:
         n = int(dset.shape[axis])
         for i in (0, n - 1):
