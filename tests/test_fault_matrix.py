@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_stem_strain.methods.base import BlockMethod
 from napari_stem_strain.methods.ccstae.modelfile import new_model
 from napari_stem_strain.methods.ccstae.train import train_model
 
@@ -834,3 +835,146 @@ def test_absurd_declared_size_is_refused_at_open(tmp_path, shape, needle):
     assert r.returncode == 2, (r.stdout, r.stderr[-1500:])
     assert_one_line(r.stdout, "DataError:", str(path), needle, "GiB")
     assert "corrupt" not in r.stdout
+
+
+# ------------------------------------------------------------------ a dask worker dies
+
+
+class Com(BlockMethod):
+    """A small deterministic method (a block placed at the wrong rows shows in ``A``)."""
+
+    name = "com"
+
+    def __init__(self, marker: str = "") -> None:
+        import os
+
+        self.marker, self.home_pid = str(marker), os.getpid()
+        self.threshold = 0.0
+
+    def prepare(self, dataset, progress=None, should_stop=None) -> None:
+        self.threshold = float(np.median(dataset.read_rows(0, 1).sum(axis=(-2, -1))))
+
+    def process_block(self, block, r0):
+        b = np.asarray(block, np.float64)
+        tot = b.sum(axis=(-2, -1))
+        A = np.zeros((*tot.shape, 2, 2), np.float32)
+        A[..., 0, 0] = 1 + tot / 1e6
+        A[..., 1, 1] = 1 + (r0 + np.arange(b.shape[0]))[:, None] / 1000
+        return A, tot > self.threshold
+
+    def _die_once(self) -> None:
+        """Kill this worker process, once (an atomically created marker file says it
+        happened), never in the process that built the method."""
+        import os
+
+        if not self.marker or os.getpid() == self.home_pid:
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)
+
+
+class DiesOnArrival(Com):
+    """A large method whose first unpickling on a worker kills that worker: the worker dies
+    while the method is scattered to it ("Stream is closed" failed the run)."""
+
+    name = "arrival"
+
+    def __init__(self, marker: str = "") -> None:
+        super().__init__(marker)
+        self.payload = np.ones(2**20)  # 8 MiB: the scatter takes a moment
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._die_once()
+
+
+class DiesSoonAfterArrival(Com):
+    """A large method whose first worker dies a moment after receiving it, while the blocks
+    are being handed out."""
+
+    name = "soon"
+
+    def __init__(self, marker: str = "", delay: float = 0.3) -> None:
+        super().__init__(marker)
+        self.delay = delay
+        self.payload = np.ones(2**20)
+
+    def __setstate__(self, state) -> None:
+        import threading
+        import time
+
+        self.__dict__.update(state)
+
+        def later():
+            time.sleep(self.delay)
+            self._die_once()
+
+        threading.Thread(target=later, daemon=True).start()
+
+    def process_block(self, block, r0):
+        import time
+
+        time.sleep(0.1)
+        return super().process_block(block, r0)
+
+
+class DiesMidRun(Com):
+    """Kills its worker on its first block: the scheduler drops the tasks that needed the
+    method that worker held ("lost the block of rows 0:4 4 times" failed the run)."""
+
+    name = "midrun"
+
+    def __init__(self, marker: str = "") -> None:
+        super().__init__(marker)
+        self.payload = np.ones(2**20)
+
+    def process_block(self, block, r0):
+        import time
+
+        time.sleep(0.1)
+        self._die_once()
+        return super().process_block(block, r0)
+
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory) -> Path:
+    import h5py
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("dask") / "scan.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", data=rng.poisson(20, (24, 5, 8, 8)).astype(np.uint16),
+                         chunks=(1, 5, 8, 8))
+    return path
+
+
+@pytest.mark.bound(150)
+@pytest.mark.parametrize("cls", [DiesOnArrival, DiesSoonAfterArrival, DiesMidRun])
+def test_a_dask_worker_dying_does_not_fail_the_run(scan_file, tmp_path, cls):
+    """One of two local worker processes dies (while receiving the method, or on its first
+    block): the run completes on the other, with the single-process result exactly."""
+    import logging
+
+    import distributed
+
+    from napari_stem_strain.distributed import run_method_dask
+    from napari_stem_strain.io.readers import open_dataset
+    from napari_stem_strain.methods.runner import run_method
+
+    with open_dataset(scan_file) as ds:
+        ref = run_method(Com(), ds)
+    marker = tmp_path / "died"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", protocol="tcp://",
+                                  dashboard_address="127.0.0.1:0",
+                                  silence_logs=logging.CRITICAL) as cluster, \
+            open_dataset(scan_file) as ds:
+        res = run_method_dask(cls(str(marker)), ds, cluster.scheduler_address,
+                              block_bytes=2 * 5 * 8 * 8 * 4)
+    assert marker.exists(), "no worker died: the case tested nothing"
+    np.testing.assert_array_equal(res.A, ref.A)
+    np.testing.assert_array_equal(res.sample, ref.sample)

@@ -434,15 +434,41 @@ class _BlockRun:
         self.address = address
         self.no_worker_timeout = no_worker_timeout
         self.should_stop = should_stop
-        self.method_f: Any = client.scatter(method, broadcast=True, hash=False)
-        self.pending: dict[Any, tuple[int, int]] = {}
-        self.resubmits: dict[tuple[int, int], int] = {}
+        #: future -> (r0, r1, the scattered method it uses)
+        self.pending: dict[Any, tuple[int, int, Any]] = {}
+        self.method_losses = 0
+        self.method_stale = False
+        self.method_f: Any = self._scatter()
+
+    def _scatter(self) -> Any:
+        """Scatter the method to every worker. A worker that dies while it receives the
+        method (a large one takes seconds to send) closes the stream: the scatter is tried
+        again on the workers left, up to ``retries + 1`` more times."""
+        for attempt in range(self.retries + 2):
+            try:
+                return self.client.scatter(self.method, broadcast=True, hash=False)
+            except (OSError, TimeoutError) as err:  # CommClosedError is an OSError
+                if attempt > self.retries:
+                    raise ClusterError(f"dask: could not send the method to the workers at "
+                                       f"{self.address} ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0] if str(err) else ''})"
+                                       ) from err
+                log.info("scatter failed (%s); retrying on the workers left", err)
+                _wait_for_workers(self.client, self.address, self.no_worker_timeout,
+                                  self.should_stop, "has no workers left")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def submit(self, r0: int, r1: int) -> None:
-        if self.method_f.status != "finished":  # the scattered copy was lost with its workers
+        if self.method_stale or self.method_f.status != "finished":  # lost with its workers
+            self.method_stale = False
+            self.method_losses += 1
+            if self.method_losses > 2 * (self.retries + 1):
+                raise ClusterError(f"dask: the workers at {self.address} lost the method "
+                                   f"{self.method_losses} times (workers keep dying)")
+            time.sleep(2 * _POLL_S)  # let the scheduler notice the dead worker first
             _wait_for_workers(self.client, self.address, self.no_worker_timeout,
                               self.should_stop, "has no workers left")
-            self.method_f = self.client.scatter(self.method, broadcast=True, hash=False)
+            self.method_f = self._scatter()
         if self.ref is not None:
             fut = self.client.submit(_block_from_file, self.method_f, self.ref, r0, r1,
                                      retries=self.retries, pure=False)
@@ -451,7 +477,7 @@ class _BlockRun:
                                      self.dataset.read_rows(r0, r1), r0, r1,
                                      tuple(self.dataset.scan_shape),
                                      retries=self.retries, pure=False)
-        self.pending[fut] = (r0, r1)
+        self.pending[fut] = (r0, r1, self.method_f)
 
     def results(self, blocks: list[tuple[int, int]], n_workers: int) -> Iterator[_Out]:
         """``(r0, r1, A, sample, per-position rows)`` of every block, in completion order."""
@@ -476,10 +502,16 @@ class _BlockRun:
                 pass  # a task was dropped by the cluster: handled below, by status
             finished = [f for f in self.pending if f.status != "pending"]
             for fut in finished:
-                r0, r1 = self.pending.pop(fut)
+                r0, r1, used = self.pending.pop(fut)
+                out = None
                 if fut.status == "finished":
+                    try:
+                        out = fut.result()
+                    except (OSError, CancelledError):  # its worker died before we gathered
+                        out = None
+                if out is not None:
                     n_done += 1
-                    yield fut.result()
+                    yield out
                 elif fut.status == "error":
                     try:
                         fut.result()
@@ -489,13 +521,12 @@ class _BlockRun:
                             f"stopped after {n_done}/{len(blocks)} blocks"
                         ) from err
                 else:  # cancelled or lost by the cluster
-                    self.resubmits[(r0, r1)] = self.resubmits.get((r0, r1), 0) + 1
-                    if self.resubmits[(r0, r1)] > self.retries + 1:
-                        raise ClusterError(
-                            f"dask: the cluster lost the block of rows {r0}:{r1} "
-                            f"{self.resubmits[(r0, r1)]} times; stopped after "
-                            f"{n_done}/{len(blocks)} blocks"
-                        )
+                    # A worker died: the scheduler drops the tasks that needed what it held
+                    # - often the scattered method, even while the client still sees that
+                    # future as finished. The first such block of a wave replaces the method
+                    # (a fresh scatter, bounded in submit()); the block is never at fault.
+                    if used is self.method_f:
+                        self.method_stale = True
                     self.submit(r0, r1)
             if finished:
                 no_worker_since = None
