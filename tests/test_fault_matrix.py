@@ -978,3 +978,28 @@ def test_a_dask_worker_dying_does_not_fail_the_run(scan_file, tmp_path, cls):
     assert marker.exists(), "no worker died: the case tested nothing"
     np.testing.assert_array_equal(res.A, ref.A)
     np.testing.assert_array_equal(res.sample, ref.sample)
+
+
+# ------------------------------------------------------------------ unclear messages
+
+
+@pytest.mark.parametrize("chunked_4d", [True, False])
+def test_missing_hdf5_filter_is_named(tmp_path, capsys, chunked_4d):
+    """An array compressed with a filter that is not installed read as "can't open directory
+    (/usr/local/lib/plugin)" under a "truncated or corrupt file?" guess."""
+    import h5py
+
+    src = tmp_path / "lzf.h5"
+    data = np.random.default_rng(0).poisson(5, (4, 4, 16, 16)).astype("uint16")
+    with h5py.File(src, "w") as f:
+        f.create_dataset("data", data=data, chunks=(1, 1, 16, 16) if chunked_4d else None,
+                         compression="lzf")
+    raw = bytearray(src.read_bytes())
+    at = raw.rfind((32000).to_bytes(2, "little"), 0, raw.find(b"lzf\0"))
+    raw[at:at + 2] = (32999).to_bytes(2, "little")  # a filter id no library provides
+    bad = tmp_path / "unknown_filter.h5"
+    bad.write_bytes(bytes(raw))
+    code, err = _cli(capsys, "info", bad)
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", str(bad), "filter", "not installed")
+    assert "corrupt" not in err and "/usr/local/lib/plugin" not in err

@@ -263,6 +263,41 @@ def check_read_size(path: Path, n_values: int, what: str, hint: str = "") -> Non
                          f"of the memory ({mem / 2**30:.1f} GiB){hint}")
 
 
+def _missing_filters(obj: Any) -> list[str]:
+    """The HDF5 filters of dataset ``obj`` (an h5py Dataset) that are not available here."""
+    try:
+        import h5py
+
+        if not isinstance(obj, h5py.Dataset):
+            return []
+        plist = obj.id.get_create_plist()
+        out = []
+        for i in range(plist.get_nfilters()):
+            fid, _flags, _values, name = plist.get_filter(i)
+            if not h5py.h5z.filter_avail(fid):
+                label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+                out.append(f"{fid}" + (f" ({label})" if label else ""))
+        return out
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return []
+
+
+def _read_failure(path: Path, what: str, err: BaseException, obj: Any = None) -> DataError:
+    """The one line for a probe read that failed: a compression filter that is not installed
+    is named as such (HDF5 says "can't open directory (/usr/local/lib/plugin)"), anything
+    else is a truncated or corrupt file."""
+    missing = _missing_filters(obj)
+    text = str(err).lower()
+    if missing or "can't open directory" in text or "required filter" in text \
+            or "plugin" in text:
+        which = (f"HDF5 compression filter {', '.join(missing)}" if missing
+                 else "an HDF5 compression filter")
+        return fail(path, f"the {what} needs {which}, which is not installed here "
+                          "(pip install hdf5plugin adds the common ones)")
+    return fail(path, f"cannot read the {what} (truncated or corrupt file?): "
+                      f"{first_line(err)}")
+
+
 def probe(path: Path, data: Any, what: str = "data") -> None:
     """Read the first and the last pattern so a truncated or corrupt file fails now, in one
     clear line, instead of half-way through a long run."""
@@ -278,8 +313,7 @@ def probe(path: Path, data: Any, what: str = "data") -> None:
                 block = block.compute(scheduler="threads")
             np.asarray(block)
     except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
-        raise fail(path, f"cannot read the {what} (truncated or corrupt file?): "
-                   f"{first_line(err)}") from err
+        raise _read_failure(path, what, err) from err
 
 
 def probe_frames(path: Path, dset: Any, what: str = "frames", axis: int = 0) -> None:
@@ -297,8 +331,7 @@ def probe_frames(path: Path, dset: Any, what: str = "frames", axis: int = 0) -> 
             idx[axis] = i
             np.asarray(dset[tuple(idx)])
     except Exception as err:  # noqa: BLE001
-        raise fail(path, f"cannot read the {what} (truncated or corrupt file?): "
-                   f"{first_line(err)}") from err
+        raise _read_failure(path, what, err, dset) from err
 
 
 def shape_str(shape: tuple[int, ...]) -> str:
