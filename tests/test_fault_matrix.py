@@ -1003,3 +1003,39 @@ def test_missing_hdf5_filter_is_named(tmp_path, capsys, chunked_4d):
     assert code == 2
     assert_one_line(err, "stem-strain: error:", str(bad), "filter", "not installed")
     assert "corrupt" not in err and "/usr/local/lib/plugin" not in err
+
+
+@pytest.mark.parametrize("how", ["deleted", "renamed folder"])
+def test_virtual_dataset_with_a_missing_source_is_refused(tmp_path, capsys, how):
+    """An HDF5 virtual dataset whose source file is missing read the missing part as zeros
+    (fill value) without a word: a silently half-empty map."""
+    import shutil
+
+    import h5py
+
+    folder = tmp_path / "acq"
+    folder.mkdir()
+    for i in range(2):
+        with h5py.File(folder / f"src{i}.h5", "w") as f:
+            f["data"] = np.random.default_rng(i).poisson(5, (4, 4, 16, 16)).astype("uint16")
+    layout = h5py.VirtualLayout(shape=(8, 4, 16, 16), dtype="uint16")
+    for i in range(2):
+        src = f"src{i}.h5" if how == "deleted" else str(folder / f"src{i}.h5")
+        layout[4 * i:4 * i + 4] = h5py.VirtualSource(src, "data", shape=(4, 4, 16, 16))
+    vds = folder / "vds.h5"
+    with h5py.File(vds, "w") as f:
+        f.create_virtual_dataset("data", layout, fillvalue=0)
+    from napari_stem_strain.io.readers import open_dataset
+
+    with open_dataset(vds) as ds:  # the control: all sources there
+        assert ds.read_rows(4, 8).any()
+    if how == "deleted":
+        (folder / "src1.h5").unlink()
+    else:
+        moved = tmp_path / "moved"
+        shutil.copytree(folder, moved)
+        shutil.rmtree(folder)
+        vds = moved / "vds.h5"  # its absolute source paths point to the old folder
+    code, err = _cli(capsys, "info", vds)
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", str(vds), "src", "does not exist")

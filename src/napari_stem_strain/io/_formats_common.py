@@ -26,6 +26,7 @@ __all__ = [
     "probe",
     "probe_frames",
     "check_read_size",
+    "check_virtual_sources",
     "memory_bytes",
     "square_scan",
     "MIN_PATTERN",
@@ -296,6 +297,37 @@ def _read_failure(path: Path, what: str, err: BaseException, obj: Any = None) ->
                           "(pip install hdf5plugin adds the common ones)")
     return fail(path, f"cannot read the {what} (truncated or corrupt file?): "
                       f"{first_line(err)}")
+
+
+def check_virtual_sources(path: Path, dset: Any, what: str = "array") -> None:
+    """Refuse an HDF5 virtual dataset whose source files are not all there: HDF5 reads a
+    missing source as the fill value (zeros), which would give a silently half-empty map.
+
+    A relative source name is looked up as HDF5 does: beside the virtual file (and under
+    ``HDF5_VDS_PREFIX`` when set); a name with a printf-style pattern (``%b``) is left to HDF5.
+    """
+    import os
+
+    try:
+        if not getattr(dset, "is_virtual", False):
+            return
+        sources = dset.virtual_sources()
+    except Exception:  # noqa: BLE001 - not an h5py dataset, or no VDS support
+        return
+    prefix = os.environ.get("HDF5_VDS_PREFIX", "")
+    for src in sources:
+        name = src.file_name
+        if name in (".", "") or "%" in name:
+            continue
+        p = Path(name)
+        if p.is_absolute():
+            candidates = [p]
+        else:
+            candidates = [path.parent / p] + ([Path(prefix) / p] if prefix else [])
+        if not any(c.is_file() for c in candidates):
+            raise fail(path, f"the {what} is a virtual dataset reading from {name}, which "
+                             f"does not exist (beside {path.name} or at that path): its part "
+                             "would read as zeros")
 
 
 def probe(path: Path, data: Any, what: str = "data") -> None:
