@@ -1039,3 +1039,41 @@ def test_virtual_dataset_with_a_missing_source_is_refused(tmp_path, capsys, how)
     code, err = _cli(capsys, "info", vds)
     assert code == 2
     assert_one_line(err, "stem-strain: error:", str(vds), "src", "does not exist")
+
+
+@pytest.mark.bound(60)
+def test_another_users_lock_file_does_not_stop_a_writer(tmp_path):
+    """A result folder shared by two users: the lock file the other user left (mode 0644) is
+    locked through a read-only handle instead of failing with "Permission denied"."""
+    import os
+    import shutil
+
+    from napari_stem_strain.io.results import read_results, write_results
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as two users")
+    folder = Path("/tmp") / f"nss-lock-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    try:
+        lock = folder / ".r.h5.lock"
+        lock.write_bytes(b"")
+        lock.chmod(0o644)  # root's, read-only for others
+        pid = os.fork()
+        if pid == 0:  # the child, as nobody: never return into pytest
+            code = 3
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                write_results(folder / "r.h5", [_group()])
+                code = 0
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert list(read_results(folder / "r.h5")) == ["ae"]
+    finally:
+        shutil.rmtree(folder)

@@ -224,7 +224,10 @@ def _locked(path: Path, wait_s: float | None = None) -> Iterator[None]:
     lock = path.with_name(f".{path.name}.lock")
     t_end = time.monotonic() + wait_s
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: a read-only handle locks too
+            fd = os.open(lock, os.O_RDONLY)
         try:
             while True:
                 try:
