@@ -1077,3 +1077,22 @@ def test_another_users_lock_file_does_not_stop_a_writer(tmp_path):
         assert list(read_results(folder / "r.h5")) == ["ae"]
     finally:
         shutil.rmtree(folder)
+
+
+def test_result_records_the_input_stamp(tiny_input, tmp_path, capsys):
+    """Each result group records the input's size, mtime and checksum taken at the start."""
+    import h5py
+
+    from napari_stem_strain.io.stamp import InputStamp
+
+    src = tmp_path / "in.h5"
+    src.write_bytes(tiny_input.read_bytes())
+    out = tmp_path / "out.h5"
+    code, err = _cli(capsys, "map", src, "--method", "py4dstem", "--quiet", "--out", out)
+    assert code == 0, err
+    now = InputStamp.take(src)
+    with h5py.File(out) as h5:
+        g = h5["py4dstem"]
+        assert int(g.attrs["input_size"]) == now.size
+        assert int(g.attrs["input_mtime_ns"]) == now.mtime_ns
+        assert g.attrs["input_checksum"] == now.checksum

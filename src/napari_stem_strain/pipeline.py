@@ -146,6 +146,8 @@ def run_methods(
         out[name] = MethodMaps.from_result(result, reference, input_file=source)
     if stamp is not None:
         stamp.check()
+        for g in out.values():
+            g.input_stamp = stamp.as_attrs()
     return out
 
 

@@ -64,6 +64,8 @@ class MethodMaps:
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     input_file: str = ""
+    #: the input file's size, mtime and block checksum when the run started (``io.stamp``)
+    input_stamp: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_result(
@@ -83,7 +85,7 @@ class MethodMaps:
         ref = reference if isinstance(reference, str) else format_region(reference)
         maps = strain_maps(self.A_raw, ref, self.symmetry_deg, mask=self.sample)
         return MethodMaps(self.method, maps, self.A_raw, self.sample, ref, self.symmetry_deg,
-                          self.settings, self.seconds, self.input_file)
+                          self.settings, self.seconds, self.input_file, dict(self.input_stamp))
 
 
 def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> None:
@@ -157,6 +159,8 @@ def _write_group(h5: h5py.File, m: MethodMaps) -> None:
     g.attrs["settings"] = json.dumps(m.settings, default=str)
     g.attrs["seconds"] = float(m.seconds)
     g.attrs["input_file"] = _text(m.input_file)
+    for k, v in m.input_stamp.items():
+        g.attrs[f"input_{k}"] = v
     g.attrs["software_version"] = f"napari-stem-strain {__version__}"
 
 

@@ -62,6 +62,10 @@ class InputStamp:
         except OSError:
             return None
 
+    def as_attrs(self) -> dict[str, int | str]:
+        """What a result file records of its input (``input_size`` ...)."""
+        return {"size": self.size, "mtime_ns": self.mtime_ns, "checksum": self.checksum}
+
     def check(self) -> None:
         """Raise :class:`DataError` (one line) when the file is no longer what it was."""
         now = InputStamp.take(self.path)
