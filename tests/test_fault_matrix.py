@@ -1096,3 +1096,21 @@ def test_result_records_the_input_stamp(tiny_input, tmp_path, capsys):
         assert int(g.attrs["input_size"]) == now.size
         assert int(g.attrs["input_mtime_ns"]) == now.mtime_ns
         assert g.attrs["input_checksum"] == now.checksum
+
+
+@pytest.mark.bound(120)
+def test_cli_stderr_is_one_line_in_a_real_process(shared_formats, tmp_path):
+    """In a real process (pytest captures warnings itself): numpy's RuntimeWarnings printed
+    two more lines (the warning and its source line) beside the one error line."""
+    import subprocess
+    import sys
+
+    src = shared_formats / "dmTest_3D_int16_64,65,66.dm4"
+    code = ("import sys; from napari_stem_strain.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "map", str(src), "--method", "ae",
+                        "--device", "cpu", "--quiet", "--scan-shape", "6", "11",
+                        "--out", str(tmp_path / "o.h5")],
+                       capture_output=True, text=True, timeout=110)
+    assert r.returncode in (2, 3)
+    assert_one_line(r.stderr, "stem-strain: error:", src.name)

@@ -4,7 +4,8 @@ Each sub-command lives in its own small module exposing ``register(subparsers)``
 turns every expected failure (bad input, unwritable output, cancel) into one clear line on
 stderr and a non-zero exit status (2), never a traceback. An unexpected failure - a bug - is
 one line too (exit status 3) naming the command, the file and the error;
-``STEM_STRAIN_DEBUG=1`` lets its traceback through.
+``STEM_STRAIN_DEBUG=1`` lets its traceback through, and numerical ``RuntimeWarning``s, which
+are otherwise silenced.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -44,7 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not os.environ.get("STEM_STRAIN_DEBUG"):
+                # numerical RuntimeWarnings of numpy/torch (a NaN in a degenerate pattern) are
+                # no message a user can act on: stderr keeps to the one line that matters
+                warnings.filterwarnings("ignore", category=RuntimeWarning)
+            return int(args.func(args) or 0)
     except Cancelled:
         print("stem-strain: cancelled", file=sys.stderr)
         return 130
