@@ -1114,3 +1114,29 @@ def test_cli_stderr_is_one_line_in_a_real_process(shared_formats, tmp_path):
                        capture_output=True, text=True, timeout=110)
     assert r.returncode in (2, 3)
     assert_one_line(r.stderr, "stem-strain: error:", src.name)
+
+
+ODD_MESSAGES = [
+    ("Can't write data (file write failed: time = Sat Nov 28 01:42:29 2026\n, filename = "
+     "'o.h5', errno = 28, error message = 'No space left on device')\nmore detail",
+     "error message = 'No space left on device')"),
+    ("unable to open file (file signature not found)\n\nTraceback (most recent call last):\n"
+     "  File x", "(file signature not found)"),
+    ("\n\n  leading blank lines then the message\nsecond", "leading blank lines then the message"),
+]
+
+
+@pytest.mark.parametrize(("text", "ends"), ODD_MESSAGES)
+def test_error_lines_are_not_cut_mid_sentence(monkeypatch, capsys, text, ends):
+    """The CLI printed the first line of a message: HDF5's messages break a line inside a
+    parenthesis ("(file write failed: time = ... 2026" and nothing after)."""
+    from napari_stem_strain.cli import info
+
+    def boom(args):
+        raise OSError(text)
+
+    monkeypatch.setattr(info, "run", boom)
+    code, err = _cli(capsys, "info", "x.h5")
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:")
+    assert err.endswith(ends), err

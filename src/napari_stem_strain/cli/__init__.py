@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``stem-strain``; returns the exit status."""
-    from ..io.errors import DataError
+    from ..io.errors import DataError, one_line
     from ..io.results import ResultFileError
     from ..methods.base import Cancelled
 
@@ -59,8 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stem-strain: interrupted", file=sys.stderr)
         return 130
     except (DataError, ResultFileError, ValueError, OSError, KeyError) as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"stem-strain: error: {msg}", file=sys.stderr)
+        print(f"stem-strain: error: {one_line(err)}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"stem-strain: error: {args.command}{_on(args)}: out of memory", file=sys.stderr)
@@ -68,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last net: one line, never a traceback
         if os.environ.get("STEM_STRAIN_DEBUG"):
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        msg = one_line(str(err))
         print(f"stem-strain: error: {args.command}{_on(args)} failed unexpectedly "
               f"({type(err).__name__}{': ' + msg if msg else ''}); please report it - "
               "STEM_STRAIN_DEBUG=1 shows the traceback", file=sys.stderr)

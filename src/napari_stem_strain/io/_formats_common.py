@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._framestack import FrameList, FrameStack, frames_3d, frames_4d
-from .errors import DataError
+from .errors import DataError, one_line
 
 __all__ = [
     "ArrayInfo",
@@ -73,11 +73,9 @@ class ArrayInfo:
 
 
 def first_line(err: BaseException | str) -> str:
-    """The first non-empty line of an exception message (its type name when it has none)."""
-    text = str(err).strip()
-    if not text:
-        return type(err).__name__ if isinstance(err, BaseException) else ""
-    return text.splitlines()[0].strip()
+    """The first line of an exception message, not cut inside a parenthesis (its type name
+    when it has none): :func:`.errors.one_line`."""
+    return one_line(err)
 
 
 def fail(path: Path | str, problem: str) -> DataError:
