@@ -1140,3 +1140,23 @@ def test_error_lines_are_not_cut_mid_sentence(monkeypatch, capsys, text, ends):
     assert code == 2
     assert_one_line(err, "stem-strain: error:")
     assert err.endswith(ends), err
+
+
+@pytest.mark.parametrize("layout", ["half written", "one chunk written"])
+def test_hdf5_array_not_fully_written_is_refused(tmp_path, capsys, layout):
+    """A file still being written (or an acquisition cut short) reads its unwritten chunks as
+    the fill value: a partial map with exit 0. Chunks that were never written are counted at
+    open."""
+    import h5py
+
+    path = tmp_path / "partial.h5"
+    data = np.random.default_rng(0).poisson(5, (8, 4, 16, 16)).astype("uint16")
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("data", shape=data.shape, dtype="uint16", chunks=(1, 4, 16, 16))
+        if layout == "half written":
+            d[:4] = data[:4]  # the writer got half-way
+        else:
+            d[0] = data[0]
+    code, err = _cli(capsys, "info", path)
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", str(path), "written")

@@ -27,6 +27,7 @@ __all__ = [
     "probe_frames",
     "check_read_size",
     "check_virtual_sources",
+    "check_written",
     "memory_bytes",
     "square_scan",
     "MIN_PATTERN",
@@ -297,6 +298,32 @@ def _read_failure(path: Path, what: str, err: BaseException, obj: Any = None) ->
                       f"{first_line(err)}")
 
 
+def check_written(path: Path, dset: Any, what: str = "array") -> None:
+    """Refuse a chunked HDF5 array that was only partly written: a file still being written,
+    or an acquisition cut short, reads its unwritten chunks as the fill value (zeros) - a
+    partial map that looks like vacuum. Counted from the chunk index, without reading data."""
+    try:
+        import h5py
+
+        if not isinstance(dset, h5py.Dataset) or dset.is_virtual or dset.external:
+            return
+        if dset.size == 0 or dset.chunks is None:
+            return  # contiguous storage is allocated whole at the first write
+        n_total = 1
+        for n, c in zip(dset.shape, dset.chunks, strict=True):
+            n_total *= -(-n // c)
+        n_written = dset.id.get_num_chunks()
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 - an old HDF5 without the chunk query: cannot tell
+        return
+    # none written: an all-zero array (a sparse placeholder), which no method maps anyway
+    if 0 < n_written < n_total:
+        raise fail(path, f"only {n_written} of the {n_total} chunks of the {what} are written "
+                         "(a file still being written, or an acquisition cut short): the rest "
+                         "would read as zeros")
+
+
 def check_virtual_sources(path: Path, dset: Any, what: str = "array") -> None:
     """Refuse an HDF5 virtual dataset whose source files are not all there: HDF5 reads a
     missing source as the fill value (zeros), which would give a silently half-empty map.
@@ -336,6 +363,11 @@ def probe(path: Path, data: Any, what: str = "data") -> None:
         check_read_size(path, shape[-2] * shape[-1],
                         f"one pattern ({shape[-2]} x {shape[-1]}) of the {what}",
                         ": not a diffraction pattern this tool can map")
+    if len(shape) == 4:
+        check_read_size(path, shape[1] * shape[2] * shape[3],
+                        f"one scan row ({shape[1]} patterns of {shape[2]} x {shape[3]})",
+                        ": the methods read whole scan rows - give a --scan-shape with "
+                        "shorter rows")
     try:
         for idx in ((0, 0), (shape[0] - 1, shape[1] - 1)):
             block = data[idx[0]:idx[0] + 1, idx[1]:idx[1] + 1]

@@ -22,6 +22,7 @@ from ._formats_common import (
     MIN_PATTERN,
     ArrayInfo,
     check_virtual_sources,
+    check_written,
     choose_array,
     fail,
     first_line,
@@ -469,6 +470,7 @@ def open_hdf5(path: Path, dataset: str | None, scan_shape: tuple[int, int] | Non
                 probe_frames(path, d, f"array {chosen.name!r}")
             else:
                 probe(path, data, f"array {chosen.name!r}")
+        check_written(path, d, f"array {chosen.name!r}")
         cal, cal_from = _calibration(d, info.format)
         meta = {
             "format": info.format,
