@@ -306,7 +306,7 @@ def test_dask_address_means_what_it_says(address, expected):
 @pytest.mark.parametrize("address", [
     "foo:bar", "tcp://host:0", "tcp://host:99999", "tcp://:8786", "tcp://host",
     "tls://host:8786", "ucx://host:8786", "inproc://x", "http://host:8787", "local:-1",
-    "local:x", "host:8786:1",
+    "local:x", "host:8786:1", "local:8786",
 ])
 def test_bad_dask_address_is_one_line(address):
     from napari_stem_strain.distributed import parse_address

@@ -73,6 +73,9 @@ class ClusterError(ConnectionError):
 # Addresses and blocks
 
 
+#: The most local workers ``local:N`` starts (or 4 per CPU, if more).
+MAX_LOCAL_WORKERS = 64
+
 _LOCAL = re.compile(r"local(?::(?P<n>.*))?", re.IGNORECASE)
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[^:]*)")
 
@@ -97,6 +100,11 @@ def parse_address(address: str) -> tuple[str, int | None]:
             ) from None
         if workers < 1:
             raise ValueError(f"dask address {address!r}: need at least one local worker")
+        cpus = os.cpu_count() or 1
+        if workers > max(MAX_LOCAL_WORKERS, 4 * cpus):
+            raise ValueError(f"dask address {address!r}: {workers} local worker processes on "
+                             f"a machine with {cpus} CPUs is not a sensible cluster (a "
+                             "scheduler's address is host:port, e.g. localhost:8786)")
         return "local", workers
     scheme, sep, rest = text.partition("://")
     if not sep:
