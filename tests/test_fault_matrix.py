@@ -185,6 +185,30 @@ def test_map_out_naming_the_input_is_refused_before_the_work(tiny_input, tmp_pat
     assert sha(src) == before and src.stat().st_ino == ino
 
 
+@pytest.mark.parametrize("how", ["same path", "symlink"])
+def test_fit_out_naming_the_input_is_refused_before_the_work(tiny_input, tmp_path, monkeypatch,
+                                                             capsys, how):
+    """``fit --out`` naming the data file replaced the data with a model file."""
+    from napari_stem_strain.methods import ccstae
+
+    src = tmp_path / "in.h5"
+    src.write_bytes(tiny_input.read_bytes())
+    before = sha(src)
+    out = src
+    if how == "symlink":
+        out = tmp_path / "model.pt"
+        out.symlink_to(src)
+
+    def refuse(*a, **k):
+        raise AssertionError("fit ran although it was bound to fail")
+
+    monkeypatch.setattr(ccstae, "fit_model", refuse)
+    code, err = _cli(capsys, "fit", src, "--quiet", "--out", out)
+    assert code == 2
+    assert_one_line(err, "stem-strain: error:", "input")
+    assert sha(src) == before
+
+
 def test_write_results_refuses_to_replace_its_input(tiny_input, tmp_path):
     """The library guard behind the CLI's: a result group whose input file is the output."""
     from napari_stem_strain.io.results import MethodMaps, ResultFileError, write_results

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io.readers import open_dataset
-    from ..io.results import check_writable
+    from ..io.results import check_not_input, check_writable
     from ..methods.ccstae import fit_model, load_model
     from ..strain import parse_region
 
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     # before the fit, not after it
     n_bytes = 4 * sum(v.numel() for v in init.net.state_dict().values())
     check_writable(args.out, needed_bytes=6 * n_bytes + 2**20)
+    for written in (args.out, args.out.with_name(args.out.name + ".ckpt")):
+        check_not_input(written, args.file)  # the model must never replace the data
     check_writable(args.out.with_name(args.out.name + ".ckpt"))
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:

@@ -131,11 +131,11 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_not_input(path: str | os.PathLike, input_file: str | os.PathLike) -> None:
-    """Refuse a result file ``path`` that is the input file itself (the same path, a symlink
-    to it or a hard link): writing the result would replace the user's data."""
+    """Refuse an output file ``path`` that is the input file itself (the same path, a
+    symlink to it or a hard link): writing there would replace the user's data."""
     if input_file and _same_file(path, input_file):
         raise ResultFileError(
-            f"{path}: this is the input file {input_file}; writing the result there would "
+            f"{path}: this is the input file {input_file}; writing the output there would "
             "replace the input - choose another output name"
         )
 
