@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -54,7 +55,8 @@ from .methods.base import (
     check_stop,
 )
 
-__all__ = ["run_method_dask", "ClusterError", "DatasetRef", "parse_address", "block_ranges"]
+__all__ = ["run_method_dask", "ClusterError", "DatasetRef", "parse_address", "probe_scheduler",
+           "block_ranges"]
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +73,25 @@ class ClusterError(ConnectionError):
 # Addresses and blocks
 
 
-def parse_address(address: str) -> tuple[str, int | None]:
-    """``"local:N"`` -> ``("local", N)``; ``"tcp://host:port"`` (or ``host:port``) -> as is.
+#: The most local workers ``local:N`` starts (or 4 per CPU, if more).
+MAX_LOCAL_WORKERS = 64
 
-    Raises ``ValueError`` naming the problem for anything else.
+_LOCAL = re.compile(r"local(?::(?P<n>.*))?", re.IGNORECASE)
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[^:]*)")
+
+
+def parse_address(address: str) -> tuple[str, int | None]:
+    """``"local"`` / ``"local:N"`` -> ``("local", N)`` (a local cluster; only these literal
+    words); ``"tcp://host:port"`` or ``"host:port"`` -> ``("tcp://host:port", None)`` (an
+    existing scheduler: ``localhost:8786`` is a scheduler, not 8786 local workers).
+
+    Raises ``ValueError`` naming the problem for anything else (a port that is not a number,
+    a protocol other than tcp://).
     """
     text = str(address).strip()
-    if text.lower().startswith("local"):
-        _, _, n = text.partition(":")
+    local = _LOCAL.fullmatch(text)
+    if local:
+        n = local.group("n")
         try:
             workers = int(n) if n else (os.cpu_count() or 1)
         except ValueError:
@@ -87,13 +100,71 @@ def parse_address(address: str) -> tuple[str, int | None]:
             ) from None
         if workers < 1:
             raise ValueError(f"dask address {address!r}: need at least one local worker")
+        cpus = os.cpu_count() or 1
+        if workers > max(MAX_LOCAL_WORKERS, 4 * cpus):
+            raise ValueError(f"dask address {address!r}: {workers} local worker processes on "
+                             f"a machine with {cpus} CPUs is not a sensible cluster (a "
+                             "scheduler's address is host:port, e.g. localhost:8786)")
         return "local", workers
-    if not text or (":" not in text and "://" not in text):
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    if scheme.lower() != "tcp":
+        raise ValueError(
+            f"dask address {address!r}: the {scheme}:// protocol is not supported (TLS and UCX "
+            "need settings stem-strain does not make); use tcp://host:port or local:N"
+        )
+    m = _HOST_PORT.fullmatch(rest)
+    if not m:
         raise ValueError(
             f"dask address {address!r} is neither local:N nor a scheduler address such as "
             "tcp://host:8786"
         )
-    return text, None
+    port = m.group("port")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"dask address {address!r}: the port {port!r} is not a number "
+                         "from 1 to 65535")
+    return f"tcp://{m.group('host')}:{int(port)}", None
+
+
+def probe_scheduler(address: str, timeout: float) -> None:
+    """Check that a dask scheduler answers at ``address`` (from :func:`parse_address`) within
+    ``timeout`` seconds, the whole connection *and* handshake included.
+
+    ``distributed.Client``'s own timeout covers only the TCP connect: a port that accepts and
+    never answers hung it for ever, and a port that answers something else (an HTTP server,
+    the dashboard) made it allocate exabytes. Raises :class:`ClusterError` (one line)."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed.comm import connect
+
+    async def handshake() -> None:
+        comm = await connect(address, timeout=timeout)
+        await comm.close()
+
+    def run() -> None:
+        asyncio.run(asyncio.wait_for(handshake(), timeout))
+
+    # a thread of its own: the caller's thread may already run an event loop
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-probe")
+    try:
+        pool.submit(run).result(timeout + 5)
+    except TimeoutError:
+        raise ClusterError(
+            f"dask: nothing at {address} answered as a dask scheduler within {timeout:g} s "
+            "(the port accepts connections but does not speak the dask protocol)"
+        ) from None
+    except OSError as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ClusterError(f"cannot reach the dask scheduler at {address} ({msg})") from None
+    except Exception as err:  # noqa: BLE001 - MemoryError, protocol errors: not a scheduler
+        raise ClusterError(
+            f"dask: {address} does not answer as a dask scheduler ({type(err).__name__}; is "
+            "it the dashboard or another service? the scheduler listens on 8786 by default)"
+        ) from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def block_ranges(Rx: int, rows: int) -> list[tuple[int, int]]:
@@ -278,6 +349,7 @@ def _client_for(address: str, local_processes: bool, connect_timeout: float
         finally:
             cluster.close()
         return
+    probe_scheduler(where, connect_timeout)
     try:
         client = Client(where, timeout=f"{connect_timeout}s")
     except (OSError, TimeoutError) as err:
@@ -318,7 +390,9 @@ def run_method_dask(
     ``should_stop()`` is polled about every 0.2 s and cancels the run (:class:`Cancelled`).
     Raises :class:`ClusterError` when the cluster cannot finish the run.
     """
-    parse_address(address)  # a bad address fails before prepare()
+    where, _ = parse_address(address)  # a bad address fails before prepare()
+    if where != "local":
+        probe_scheduler(where, connect_timeout)  # so does a scheduler that does not answer
     t0 = time.perf_counter()
     if not prepared:
         method.prepare(dataset, progress=progress, should_stop=should_stop)
@@ -368,15 +442,41 @@ class _BlockRun:
         self.address = address
         self.no_worker_timeout = no_worker_timeout
         self.should_stop = should_stop
-        self.method_f: Any = client.scatter(method, broadcast=True, hash=False)
-        self.pending: dict[Any, tuple[int, int]] = {}
-        self.resubmits: dict[tuple[int, int], int] = {}
+        #: future -> (r0, r1, the scattered method it uses)
+        self.pending: dict[Any, tuple[int, int, Any]] = {}
+        self.method_losses = 0
+        self.method_stale = False
+        self.method_f: Any = self._scatter()
+
+    def _scatter(self) -> Any:
+        """Scatter the method to every worker. A worker that dies while it receives the
+        method (a large one takes seconds to send) closes the stream: the scatter is tried
+        again on the workers left, up to ``retries + 1`` more times."""
+        for attempt in range(self.retries + 2):
+            try:
+                return self.client.scatter(self.method, broadcast=True, hash=False)
+            except (OSError, TimeoutError) as err:  # CommClosedError is an OSError
+                if attempt > self.retries:
+                    raise ClusterError(f"dask: could not send the method to the workers at "
+                                       f"{self.address} ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0] if str(err) else ''})"
+                                       ) from err
+                log.info("scatter failed (%s); retrying on the workers left", err)
+                _wait_for_workers(self.client, self.address, self.no_worker_timeout,
+                                  self.should_stop, "has no workers left")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def submit(self, r0: int, r1: int) -> None:
-        if self.method_f.status != "finished":  # the scattered copy was lost with its workers
+        if self.method_stale or self.method_f.status != "finished":  # lost with its workers
+            self.method_stale = False
+            self.method_losses += 1
+            if self.method_losses > 2 * (self.retries + 1):
+                raise ClusterError(f"dask: the workers at {self.address} lost the method "
+                                   f"{self.method_losses} times (workers keep dying)")
+            time.sleep(2 * _POLL_S)  # let the scheduler notice the dead worker first
             _wait_for_workers(self.client, self.address, self.no_worker_timeout,
                               self.should_stop, "has no workers left")
-            self.method_f = self.client.scatter(self.method, broadcast=True, hash=False)
+            self.method_f = self._scatter()
         if self.ref is not None:
             fut = self.client.submit(_block_from_file, self.method_f, self.ref, r0, r1,
                                      retries=self.retries, pure=False)
@@ -385,7 +485,7 @@ class _BlockRun:
                                      self.dataset.read_rows(r0, r1), r0, r1,
                                      tuple(self.dataset.scan_shape),
                                      retries=self.retries, pure=False)
-        self.pending[fut] = (r0, r1)
+        self.pending[fut] = (r0, r1, self.method_f)
 
     def results(self, blocks: list[tuple[int, int]], n_workers: int) -> Iterator[_Out]:
         """``(r0, r1, A, sample, per-position rows)`` of every block, in completion order."""
@@ -410,10 +510,16 @@ class _BlockRun:
                 pass  # a task was dropped by the cluster: handled below, by status
             finished = [f for f in self.pending if f.status != "pending"]
             for fut in finished:
-                r0, r1 = self.pending.pop(fut)
+                r0, r1, used = self.pending.pop(fut)
+                out = None
                 if fut.status == "finished":
+                    try:
+                        out = fut.result()
+                    except (OSError, CancelledError):  # its worker died before we gathered
+                        out = None
+                if out is not None:
                     n_done += 1
-                    yield fut.result()
+                    yield out
                 elif fut.status == "error":
                     try:
                         fut.result()
@@ -423,13 +529,12 @@ class _BlockRun:
                             f"stopped after {n_done}/{len(blocks)} blocks"
                         ) from err
                 else:  # cancelled or lost by the cluster
-                    self.resubmits[(r0, r1)] = self.resubmits.get((r0, r1), 0) + 1
-                    if self.resubmits[(r0, r1)] > self.retries + 1:
-                        raise ClusterError(
-                            f"dask: the cluster lost the block of rows {r0}:{r1} "
-                            f"{self.resubmits[(r0, r1)]} times; stopped after "
-                            f"{n_done}/{len(blocks)} blocks"
-                        )
+                    # A worker died: the scheduler drops the tasks that needed what it held
+                    # - often the scattered method, even while the client still sees that
+                    # future as finished. The first such block of a wave replaces the method
+                    # (a fresh scatter, bounded in submit()); the block is never at fault.
+                    if used is self.method_f:
+                        self.method_stale = True
                     self.submit(r0, r1)
             if finished:
                 no_worker_since = None

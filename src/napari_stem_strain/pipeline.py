@@ -119,11 +119,16 @@ def run_methods(
 
     ``reference`` defaults to :func:`default_reference` on the first method's sample mask.
     ``sample_mask`` (True = crystal) overrides each method's own background classification.
+    Raises :class:`~napari_stem_strain.io.errors.DataError` when the input file changed while
+    the methods ran (size, mtime, inode or a checksum of a few blocks).
     """
+    from .io.stamp import InputStamp
+
     names = expand_methods(methods)
     if reference is not None:
         check_region(reference, dataset.scan_shape)  # refuse a wrong region before the work
     source = str(getattr(dataset, "source", "") or "")
+    stamp = InputStamp.take(source)  # a file changed mid-run must not give a mixed map
     out: dict[str, MethodMaps] = {}
     for i, name in enumerate(names):
         method = make_method(name, model=model, device=device, batch_size=batch_size,
@@ -139,6 +144,10 @@ def run_methods(
         if reference is None:
             reference = default_reference(result.sample)
         out[name] = MethodMaps.from_result(result, reference, input_file=source)
+    if stamp is not None:
+        stamp.check()
+        for g in out.values():
+            g.input_stamp = stamp.as_attrs()
     return out
 
 
@@ -152,6 +161,10 @@ def compare_to_truth(groups: dict[str, MethodMaps], truth: Any) -> dict[str, dic
 
     table: dict[str, dict[str, float]] = {}
     for name, g in groups.items():
+        shape = tuple(np.shape(g.maps.exx))
+        if shape != tuple(np.shape(truth.exx)):
+            raise ValueError(f"cannot compare {name}: its maps are {shape}, the ground truth "
+                             f"{tuple(np.shape(truth.exx))} (was the scan re-shaped?)")
         row = {}
         for comp in ("exx", "eyy", "exy"):
             row[comp] = mae(getattr(g.maps, comp), getattr(truth, comp), truth.sample)

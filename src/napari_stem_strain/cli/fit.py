@@ -39,17 +39,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io.readers import open_dataset
+    from ..io.results import check_not_input, check_writable
     from ..methods.ccstae import fit_model, load_model
     from ..strain import parse_region
 
     if args.reference:
         parse_region(args.reference)
-    if args.init != "default":
-        load_model(args.init)  # refuse a bad starting model before reading any data
+    init = load_model(args.init)  # refuse a bad starting model before reading any data
     if not args.out.parent.exists():
         raise ValueError(f"output folder {args.out.parent} does not exist")
+    # the model and its checkpoint (weights, best weights, two Adam moments) must fit: fail
+    # before the fit, not after it
+    n_bytes = 4 * sum(v.numel() for v in init.net.state_dict().values())
+    check_writable(args.out, needed_bytes=6 * n_bytes + 2**20)
+    for written in (args.out, args.out.with_name(args.out.name + ".ckpt")):
+        check_not_input(written, args.file)  # the model must never replace the data
+    check_writable(args.out.with_name(args.out.name + ".ckpt"))
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
+        Rx, Ry = ds.scan_shape
+        if Rx < 2 or Ry < 2:
+            raise ValueError(f"{args.file}: the scan is {Rx} x {Ry} positions; fit needs at "
+                             "least 2 x 2 (a 2D scan; see --scan-shape)")
         with ProgressBar("fit", quiet=args.quiet, unit="epoch") as bar:
             out = fit_model(ds, init=args.init, epochs=args.epochs, seed=args.seed, out=args.out,
                             progress=bar, resume=not args.no_resume, reference=args.reference,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -40,14 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io.ground_truth import read_ground_truth
     from ..io.readers import open_dataset
-    from ..io.results import check_writable, write_results
+    from ..io.results import check_not_input, check_writable, write_results
+    from ..io.stamp import InputStamp
     from ..pipeline import compare_to_truth, run_methods
     from ..strain import parse_region
 
     if args.reference:
         parse_region(args.reference)
     check_writable(args.out)  # fail before the work, not after
+    check_not_input(args.out, args.file)
     t0 = time.perf_counter()
+    stamp = InputStamp.take(args.file)  # the result is refused if the input changes meanwhile
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
         n_groups = 2 if args.method == "both" else 1
@@ -55,11 +59,19 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out, needed_bytes=n_groups * ds.scan_shape[0] * ds.scan_shape[1]
                        * (4 * 4 + 2 * 16 + 1) + 2**20)
         truth = read_ground_truth(args.file)  # None unless it is a simulated HDF5 file
+        if truth is not None and tuple(truth.scan_shape) != tuple(ds.scan_shape):
+            print(f"stem-strain: note: the ground truth of {args.file} is "
+                  f"{truth.scan_shape[0]} x {truth.scan_shape[1]}, the scan as read "
+                  f"{ds.scan_shape[0]} x {ds.scan_shape[1]}: not compared, and its reference "
+                  "region not used", file=sys.stderr)
+            truth = None
         reference = args.reference or (truth.reference if truth is not None else None)
         with ProgressBar("map", quiet=args.quiet, unit="pattern") as bar:
             groups = run_methods(ds, args.method, reference=reference, model=args.model,
                                  device=args.device, batch_size=args.batch_size, progress=bar,
                                  dask_address=args.dask)
+    if stamp is not None:
+        stamp.check()
     write_results(args.out, list(groups.values()))
     seconds = time.perf_counter() - t0
     n = ds.scan_shape[0] * ds.scan_shape[1]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._framestack import FrameList, FrameStack, frames_3d, frames_4d
-from .errors import DataError
+from .errors import DataError, one_line
 
 __all__ = [
     "ArrayInfo",
@@ -25,6 +25,10 @@ __all__ = [
     "to_4d",
     "probe",
     "probe_frames",
+    "check_read_size",
+    "check_virtual_sources",
+    "check_written",
+    "memory_bytes",
     "square_scan",
     "MIN_PATTERN",
 ]
@@ -70,11 +74,9 @@ class ArrayInfo:
 
 
 def first_line(err: BaseException | str) -> str:
-    """The first non-empty line of an exception message (its type name when it has none)."""
-    text = str(err).strip()
-    if not text:
-        return type(err).__name__ if isinstance(err, BaseException) else ""
-    return text.splitlines()[0].strip()
+    """The first line of an exception message, not cut inside a parenthesis (its type name
+    when it has none): :func:`.errors.one_line`."""
+    return one_line(err)
 
 
 def fail(path: Path | str, problem: str) -> DataError:
@@ -232,10 +234,140 @@ def _reshape_frames(data: Any, scan_shape: tuple[int, int]) -> Any:
     return FrameStack([frames_3d(data)], (rx, ry))
 
 
+def memory_bytes() -> int:
+    """The memory this process may use: physical memory, or less under ``ulimit -v``."""
+    import os
+
+    try:
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        mem = 16 * 2**30
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            mem = min(mem, soft)
+    except (ImportError, OSError, ValueError):  # pragma: no cover
+        pass
+    return int(mem)
+
+
+def check_read_size(path: Path, n_values: int, what: str, hint: str = "") -> None:
+    """Refuse, before reading it, a single read of ``n_values`` values (one pattern, one scan
+    row) that would take more than a quarter of the memory as float32: a tiny file may declare
+    an absurd array, and the allocation would fail (or swap the machine) instead."""
+    need, mem = 4 * int(n_values), memory_bytes()
+    if need > mem // 4:
+        raise fail(path, f"{what} is {need / 2**30:.1f} GiB as float32, more than a quarter "
+                         f"of the memory ({mem / 2**30:.1f} GiB){hint}")
+
+
+def _missing_filters(obj: Any) -> list[str]:
+    """The HDF5 filters of dataset ``obj`` (an h5py Dataset) that are not available here."""
+    try:
+        import h5py
+
+        if not isinstance(obj, h5py.Dataset):
+            return []
+        plist = obj.id.get_create_plist()
+        out = []
+        for i in range(plist.get_nfilters()):
+            fid, _flags, _values, name = plist.get_filter(i)
+            if not h5py.h5z.filter_avail(fid):
+                label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+                out.append(f"{fid}" + (f" ({label})" if label else ""))
+        return out
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return []
+
+
+def _read_failure(path: Path, what: str, err: BaseException, obj: Any = None) -> DataError:
+    """The one line for a probe read that failed: a compression filter that is not installed
+    is named as such (HDF5 says "can't open directory (/usr/local/lib/plugin)"), anything
+    else is a truncated or corrupt file."""
+    missing = _missing_filters(obj)
+    text = str(err).lower()
+    if missing or "can't open directory" in text or "required filter" in text \
+            or "plugin" in text:
+        which = (f"HDF5 compression filter {', '.join(missing)}" if missing
+                 else "an HDF5 compression filter")
+        return fail(path, f"the {what} needs {which}, which is not installed here "
+                          "(pip install hdf5plugin adds the common ones)")
+    return fail(path, f"cannot read the {what} (truncated or corrupt file?): "
+                      f"{first_line(err)}")
+
+
+def check_written(path: Path, dset: Any, what: str = "array") -> None:
+    """Refuse a chunked HDF5 array that was only partly written: a file still being written,
+    or an acquisition cut short, reads its unwritten chunks as the fill value (zeros) - a
+    partial map that looks like vacuum. Counted from the chunk index, without reading data."""
+    try:
+        import h5py
+
+        if not isinstance(dset, h5py.Dataset) or dset.is_virtual or dset.external:
+            return
+        if dset.size == 0 or dset.chunks is None:
+            return  # contiguous storage is allocated whole at the first write
+        n_total = 1
+        for n, c in zip(dset.shape, dset.chunks, strict=True):
+            n_total *= -(-n // c)
+        n_written = dset.id.get_num_chunks()
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 - an old HDF5 without the chunk query: cannot tell
+        return
+    # none written: an all-zero array (a sparse placeholder), which no method maps anyway
+    if 0 < n_written < n_total:
+        raise fail(path, f"only {n_written} of the {n_total} chunks of the {what} are written "
+                         "(a file still being written, or an acquisition cut short): the rest "
+                         "would read as zeros")
+
+
+def check_virtual_sources(path: Path, dset: Any, what: str = "array") -> None:
+    """Refuse an HDF5 virtual dataset whose source files are not all there: HDF5 reads a
+    missing source as the fill value (zeros), which would give a silently half-empty map.
+
+    A relative source name is looked up as HDF5 does: beside the virtual file (and under
+    ``HDF5_VDS_PREFIX`` when set); a name with a printf-style pattern (``%b``) is left to HDF5.
+    """
+    import os
+
+    try:
+        if not getattr(dset, "is_virtual", False):
+            return
+        sources = dset.virtual_sources()
+    except Exception:  # noqa: BLE001 - not an h5py dataset, or no VDS support
+        return
+    prefix = os.environ.get("HDF5_VDS_PREFIX", "")
+    for src in sources:
+        name = src.file_name
+        if name in (".", "") or "%" in name:
+            continue
+        p = Path(name)
+        if p.is_absolute():
+            candidates = [p]
+        else:
+            candidates = [path.parent / p] + ([Path(prefix) / p] if prefix else [])
+        if not any(c.is_file() for c in candidates):
+            raise fail(path, f"the {what} is a virtual dataset reading from {name}, which "
+                             f"does not exist (beside {path.name} or at that path): its part "
+                             "would read as zeros")
+
+
 def probe(path: Path, data: Any, what: str = "data") -> None:
     """Read the first and the last pattern so a truncated or corrupt file fails now, in one
     clear line, instead of half-way through a long run."""
     shape = tuple(int(s) for s in data.shape)
+    if len(shape) >= 2:
+        check_read_size(path, shape[-2] * shape[-1],
+                        f"one pattern ({shape[-2]} x {shape[-1]}) of the {what}",
+                        ": not a diffraction pattern this tool can map")
+    if len(shape) == 4:
+        check_read_size(path, shape[1] * shape[2] * shape[3],
+                        f"one scan row ({shape[1]} patterns of {shape[2]} x {shape[3]})",
+                        ": the methods read whole scan rows - give a --scan-shape with "
+                        "shorter rows")
     try:
         for idx in ((0, 0), (shape[0] - 1, shape[1] - 1)):
             block = data[idx[0]:idx[0] + 1, idx[1]:idx[1] + 1]
@@ -243,13 +375,17 @@ def probe(path: Path, data: Any, what: str = "data") -> None:
                 block = block.compute(scheduler="threads")
             np.asarray(block)
     except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
-        raise fail(path, f"cannot read the {what} (truncated or corrupt file?): "
-                   f"{first_line(err)}") from err
+        raise _read_failure(path, what, err) from err
 
 
 def probe_frames(path: Path, dset: Any, what: str = "frames", axis: int = 0) -> None:
     """Like :func:`probe` for a frame stack read directly (an h5py dataset): the first and
     last frame along ``axis`` only, whatever view is built over it."""
+    shape = tuple(int(s) for s in dset.shape)
+    frame = int(np.prod(shape)) // max(1, shape[axis])
+    dims = " x ".join(str(s) for k, s in enumerate(shape) if k != axis)
+    check_read_size(path, frame, f"one frame ({dims}) of the {what}",
+                    ": not a diffraction pattern this tool can map")
     try:
         n = int(dset.shape[axis])
         for i in (0, n - 1):
@@ -257,8 +393,7 @@ def probe_frames(path: Path, dset: Any, what: str = "frames", axis: int = 0) -> 
             idx[axis] = i
             np.asarray(dset[tuple(idx)])
     except Exception as err:  # noqa: BLE001
-        raise fail(path, f"cannot read the {what} (truncated or corrupt file?): "
-                   f"{first_line(err)}") from err
+        raise _read_failure(path, what, err, dset) from err
 
 
 def shape_str(shape: tuple[int, ...]) -> str:

@@ -21,6 +21,8 @@ import numpy as np
 from ._formats_common import (
     MIN_PATTERN,
     ArrayInfo,
+    check_virtual_sources,
+    check_written,
     choose_array,
     fail,
     first_line,
@@ -454,6 +456,7 @@ def open_hdf5(path: Path, dataset: str | None, scan_shape: tuple[int, int] | Non
             return _open_arina(path, f, scan_shape, info.format)
         chosen = choose_array(path, info.arrays, dataset, scan_shape)
         d = f[chosen.name]
+        check_virtual_sources(path, d, f"array {chosen.name!r}")
         kind = info.kinds.get(chosen.name, "h5")
         if kind == "h5" and d.ndim == 3 and scan_shape is None and "image_nr_low" in d.attrs:
             raise fail(path, f"is a Dectris data file ({d.shape[0]} frames): open the "
@@ -467,6 +470,7 @@ def open_hdf5(path: Path, dataset: str | None, scan_shape: tuple[int, int] | Non
                 probe_frames(path, d, f"array {chosen.name!r}")
             else:
                 probe(path, data, f"array {chosen.name!r}")
+        check_written(path, d, f"array {chosen.name!r}")
         cal, cal_from = _calibration(d, info.format)
         meta = {
             "format": info.format,

@@ -23,13 +23,22 @@ DataError asking for ``scan_shape``. Any other dimensionality is a DataError nam
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._formats_common import ArrayInfo, check_scan_shape, choose_array, fail, first_line, probe
+from ._formats_common import (
+    ArrayInfo,
+    check_read_size,
+    check_scan_shape,
+    choose_array,
+    fail,
+    first_line,
+    probe,
+)
 from ._formats_common import to_4d as _to_4d
 from ._formats_hdf5 import inspect_hdf5, is_hdf5, open_hdf5
 from ._formats_rsciio import RSCIIO_FORMATS, inspect_rsciio, open_rsciio
@@ -58,6 +67,14 @@ def _check_path(path: Any) -> Path:
     except TypeError:
         raise DataError(f"{path!r}: not a file path") from None
     if not p.exists():
+        if p.is_symlink():
+            try:
+                os.stat(p)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise fail(p, "is a symbolic link loop") from None
+            raise fail(p, f"is a broken symbolic link (to {os.readlink(p)}, which does not "
+                          "exist)")
         raise fail(p, "no such file")
     if p.is_dir():
         raise fail(p, "is a folder, not a file")
@@ -190,10 +207,11 @@ def open_dataset(
     fam = _family(p)
     try:
         if fam == "hdf5":
-            return open_hdf5(p, dataset, shape)
-        if fam == "npy":
-            return _open_npy(p, dataset, shape)
-        return open_rsciio(p, fam, dataset, shape)
+            ds = open_hdf5(p, dataset, shape)
+        elif fam == "npy":
+            ds = _open_npy(p, dataset, shape)
+        else:
+            ds = open_rsciio(p, fam, dataset, shape)
     except DataError:
         raise
     except MemoryError as err:
@@ -201,3 +219,13 @@ def open_dataset(
             from err
     except Exception as err:  # noqa: BLE001 - every reader failure is one line for the user
         raise fail(p, f"cannot read: {type(err).__name__}: {first_line(err)}") from err
+    # every method reads whole scan rows: one row must fit in memory
+    Rx, Ry, Q0, Q1 = ds.shape
+    try:
+        check_read_size(p, Ry * Q0 * Q1, f"one scan row ({Ry} patterns of {Q0} x {Q1})",
+                        ": the methods read whole scan rows - give a --scan-shape with "
+                        "shorter rows")
+    except DataError:
+        ds.close()
+        raise
+    return ds

@@ -8,18 +8,23 @@ input file, the software version, the method's settings (JSON) and the seconds t
 
 Writes go to a temporary file in the same folder that is renamed over the final name, so a
 crash never leaves a half-written result under the final name; adding a method to an existing
-file copies the other groups across.
+file copies the other groups across. Writers of one file take a lock (``.NAME.lock``) and re-read
+the file under it, so two processes adding groups at once both land; a killed writer's stray
+``.NAME.*.tmp`` is removed by the next one. ``input_file`` is stored absolute; a new file gets the
+mode the umask allows. A result file that is its own input is refused (:func:`check_not_input`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ __all__ = [
     "read_results",
     "ResultFileError",
     "check_writable",
+    "check_not_input",
     "MAP_NAMES",
 ]
 
@@ -58,6 +64,8 @@ class MethodMaps:
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     input_file: str = ""
+    #: the input file's size, mtime and block checksum when the run started (``io.stamp``)
+    input_stamp: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_result(
@@ -66,16 +74,18 @@ class MethodMaps:
         """Build from a :class:`~napari_stem_strain.methods.base.MethodResult`."""
         ref = reference if isinstance(reference, str) else format_region(reference)
         maps = strain_maps(result.A, ref, result.symmetry_deg, mask=result.sample)
+        # absolute: a relative name means nothing once the result is read from elsewhere
+        source = os.path.abspath(input_file) if str(input_file) else ""
         return cls(result.method, maps, np.asarray(result.A, np.float32),
                    np.asarray(result.sample, bool), ref, result.symmetry_deg,
-                   dict(result.settings), float(result.seconds), str(input_file))
+                   dict(result.settings), float(result.seconds), source)
 
     def with_reference(self, reference: str | tuple[slice, slice]) -> MethodMaps:
         """The same result seen from another reference region (no method re-run)."""
         ref = reference if isinstance(reference, str) else format_region(reference)
         maps = strain_maps(self.A_raw, ref, self.symmetry_deg, mask=self.sample)
         return MethodMaps(self.method, maps, self.A_raw, self.sample, ref, self.symmetry_deg,
-                          self.settings, self.seconds, self.input_file)
+                          self.settings, self.seconds, self.input_file, dict(self.input_stamp))
 
 
 def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> None:
@@ -92,12 +102,48 @@ def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> None:
     if needed_bytes:
         import shutil
 
+        try:
+            import resource
+
+            limit, infinite = resource.getrlimit(resource.RLIMIT_FSIZE)[0], resource.RLIM_INFINITY
+        except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+            limit, infinite = -1, -1
+        if limit != infinite and 0 <= limit < needed_bytes:
+            raise OSError(
+                f"cannot write {path}: the file-size limit (ulimit -f) is "
+                f"{limit / 2**20:.2f} MiB, about {needed_bytes / 2**20:.1f} MiB needed"
+            )
+
         free = shutil.disk_usage(folder).free
         if free < needed_bytes:
             raise OSError(
                 f"cannot write {path}: {free / 2**20:.0f} MiB free, about "
                 f"{needed_bytes / 2**20:.0f} MiB needed"
             )
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file (same inode: same path, a symlink, a hard link)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_not_input(path: str | os.PathLike, input_file: str | os.PathLike) -> None:
+    """Refuse an output file ``path`` that is the input file itself (the same path, a
+    symlink to it or a hard link): writing there would replace the user's data."""
+    if input_file and _same_file(path, input_file):
+        raise ResultFileError(
+            f"{path}: this is the input file {input_file}; writing the output there would "
+            "replace the input - choose another output name"
+        )
+
+
+def _text(name: str) -> str:
+    """A file name as text HDF5 can store: bytes that are not UTF-8 (a name the system gave
+    Python as surrogate escapes) are written as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _write_group(h5: h5py.File, m: MethodMaps) -> None:
@@ -112,7 +158,9 @@ def _write_group(h5: h5py.File, m: MethodMaps) -> None:
     g.attrs["symmetry_deg"] = float(m.symmetry_deg)
     g.attrs["settings"] = json.dumps(m.settings, default=str)
     g.attrs["seconds"] = float(m.seconds)
-    g.attrs["input_file"] = m.input_file
+    g.attrs["input_file"] = _text(m.input_file)
+    for k, v in m.input_stamp.items():
+        g.attrs[f"input_{k}"] = v
     g.attrs["software_version"] = f"napari-stem-strain {__version__}"
 
 
@@ -142,17 +190,120 @@ def _closing_as_oserror(h5: h5py.File, path: Path) -> Iterator[h5py.File]:
         raise
 
 
+#: How long (s) a writer waits for another writer of the same result file to finish.
+LOCK_WAIT_S = 120.0
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system tells it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: the classic read-by-setting (restored at once)
+    os.umask(old)
+    return old
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the writers' lock of result file ``path`` (``.NAME.lock`` beside it).
+
+    Every writer re-reads the file under this lock, so two processes adding method groups at
+    once both land; a writer that cannot get the lock within ``wait_s`` seconds is refused
+    with one line. The lock file is removed on release (checked by inode, so a writer that
+    opened it just before never holds a removed one); a killed writer's lock is released by
+    the system and its file reused."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
+        yield
+        return
+    import time
+
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    lock = path.with_name(f".{path.name}.lock")
+    t_end = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: a read-only handle locks too
+            fd = os.open(lock, os.O_RDONLY)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > t_end:
+                        raise ResultFileError(
+                            f"{path}: another process is writing this result file (waited "
+                            f"{wait_s:.0f} s for {lock.name}); try again when it is done"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder before us removed this lock file: take the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _remove_stray_temporaries(path: Path) -> None:
+    """Remove ``.NAME.*.tmp`` left by a writer of ``path`` that was killed (called under the
+    lock, so no live writer's temporary is touched)."""
+    for stray in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stray.unlink()
+
+
 def write_results(
     path: str | os.PathLike, groups: list[MethodMaps], replace: bool = False
 ) -> Path:
     """Write (or add to) a result file atomically. Existing groups of other methods are kept
-    unless ``replace`` is True."""
+    unless ``replace`` is True.
+
+    Concurrent writers of one file are serialised by a lock file, and each re-reads the file
+    under it, so every writer's groups land. A new file gets the mode the umask allows (a
+    replaced file keeps its mode)."""
     path = Path(path)
     check_writable(path)
+    for g in groups:
+        check_not_input(path, g.input_file)
+    with _locked(path):
+        _remove_stray_temporaries(path)
+        _write_locked(path, groups, replace)
+    return path
+
+
+def _write_locked(path: Path, groups: list[MethodMaps], replace: bool) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
-        with _closing_as_oserror(h5py.File(tmp, "w"), path) as out:
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        # HDF5 builds the file in memory and Python writes the bytes: a disk that fills (or a
+        # file-size limit) during the write is then a plain OSError. Straight to disk, HDF5
+        # failing to flush its metadata printed "Exception ignored" tracebacks and crashed
+        # the interpreter (segmentation fault) at exit.
+        buf = io.BytesIO()
+        with _closing_as_oserror(h5py.File(buf, "w"), path) as out:
             if path.exists() and not replace:
                 try:
                     with h5py.File(path, "r") as old:
@@ -169,14 +320,21 @@ def write_results(
                 _write_group(out, m)
             if groups:
                 out.attrs["reference"] = groups[-1].reference
-                out.attrs["input_file"] = groups[-1].input_file
+                out.attrs["input_file"] = _text(groups[-1].input_file)
             out.attrs["software_version"] = f"napari-stem-strain {__version__}"
             out.attrs["layout"] = "napari-stem-strain results v1 (CONVENTIONS.md)"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(buf.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+        del buf
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def read_results(path: str | os.PathLike) -> dict[str, MethodMaps]:

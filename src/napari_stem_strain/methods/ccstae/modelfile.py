@@ -83,13 +83,107 @@ def save_model(model: Model, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.to_dict(), tmp)
-    tmp.replace(path)
+    try:
+        torch.save(model.to_dict(), tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:  # disk full, no permission: one line, no temporary
+        tmp.unlink(missing_ok=True)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"cannot write the model file {path}: {msg}") from None
     return path
 
 
 def _bad(path: str, why: str) -> ValueError:
     return ValueError(f"model file {path}: {why}")
+
+
+#: Accepted ranges of the geometry (a file outside them is damaged or not ours; the bounds
+#: also keep an absurd ``n`` or ``width`` from allocating gigabytes before it is refused).
+N_RANGE = (8, 512)
+WIDTH_RANGE = (1, 256)
+EXTENT_RANGE = (0.1, 100.0)
+BAND_RANGE = (0.0, 1.0)  # exclusive: scales 1 + band tanh must stay positive
+SYMMETRIES = (60.0, 90.0, 180.0)
+
+
+def _number(where: str, what: str, value: Any, lo: float, hi: float,
+            integer: bool = False, open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` as a finite number in ``[lo, hi]`` (ends open when asked), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise _bad(where, f"{what} is {value!r}, not a number")
+    v = float(value)
+    if integer and np.isfinite(v) and v != int(v):
+        raise _bad(where, f"{what} is {value!r}, not a whole number")
+    if (not np.isfinite(v) or v < lo or v > hi or (open_low and v == lo)
+            or (open_high and v == hi)):
+        lb, hb = "(" if open_low else "[", ")" if open_high else "]"
+        raise _bad(where, f"{what} is {value!r}, outside {lb}{lo:g}, {hi:g}{hb}")
+    return v
+
+
+def _vector(where: str, what: str, value: Any) -> np.ndarray:
+    try:
+        v = np.asarray(value, float)
+    except (TypeError, ValueError):
+        raise _bad(where, f"its lattice vector {what} is {value!r}, not two numbers") from None
+    if v.shape != (2,):
+        raise _bad(where, f"its lattice vector {what} is {value!r}, not two numbers")
+    if not np.isfinite(v).all():
+        raise _bad(where, f"its lattice vector {what} = {v.tolist()} is not finite")
+    return v
+
+
+def _check_dict(d: dict, where: str) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+    """Every field checked before anything is built: ``(geometry, g1, g2, training)``."""
+    geo, lat, state = d.get("geometry"), d.get("lattice"), d.get("state_dict")
+    for name, v in (("geometry", geo), ("lattice", lat), ("state_dict", state)):
+        if not isinstance(v, dict):
+            raise _bad(where, f"damaged or incomplete ({name} is "
+                              f"{'missing' if v is None else type(v).__name__})")
+    training = d.get("training", {})
+    if not isinstance(training, dict):
+        raise _bad(where, f"its training record is a {type(training).__name__}, not a dict")
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _bad(where, "damaged or incomplete (state_dict holds something else than tensors)")
+    try:
+        n = _number(where, "geometry n", geo["n"], *N_RANGE, integer=True)
+        width = _number(where, "geometry width", geo["width"], *WIDTH_RANGE, integer=True)
+        extent = _number(where, "geometry extent", geo["extent"], *EXTENT_RANGE)
+        band = _number(where, "geometry band", geo["band"], *BAND_RANGE,
+                       open_low=True, open_high=True)
+        sym = lat["symmetry_deg"]
+        g1, g2 = _vector(where, "g1", lat["g1"]), _vector(where, "g2", lat["g2"])
+    except KeyError as err:
+        raise _bad(where, f"damaged or incomplete (no {err.args[0]!r})") from None
+    if int(n) % 8:
+        raise _bad(where, f"geometry n is {int(n)}, not a multiple of 8")
+    if isinstance(sym, bool) or not isinstance(sym, (int, float, np.integer, np.floating)) \
+            or float(sym) not in SYMMETRIES:
+        raise _bad(where, f"symmetry_deg is {sym!r}, not one of 60 (hexagonal), 90 (square), "
+                          "180 (any other lattice)")
+    n1, n2 = float(np.linalg.norm(g1)), float(np.linalg.norm(g2))
+    if not (n1 > 1e-6 and n2 > 1e-6) or abs(float(np.cross(g1, g2))) < 1e-6 * n1 * n2 \
+            or max(n1, n2) > 1e6 * min(n1, n2):
+        raise _bad(where, "its base lattice is not two independent 2D vectors")
+    if lattice_symmetry(g1, g2, tol=0.05) != float(sym):
+        raise _bad(where, f"symmetry_deg {float(sym):g} does not match its lattice g1 = "
+                          f"{g1.tolist()}, g2 = {g2.tolist()} (symmetry "
+                          f"{lattice_symmetry(g1, g2, tol=0.05):g})")
+    # the weights must have the shapes this geometry implies: checked on the stored tensors,
+    # so nothing of the declared size is allocated first
+    w, k = int(width), int(n) // 8
+    expect = {"base": (2, int(n), int(n)), "features.0.weight": (w, 1, 3, 3),
+              "head.1.weight": (64, 2 * w * k * k)}
+    for key, shape in expect.items():
+        got = state.get(key)
+        if got is None:
+            raise _bad(where, f"damaged or incomplete (its weights lack {key!r})")
+        if tuple(got.shape) != shape:
+            raise _bad(where, f"its weights do not match its geometry (n {int(n)}, width {w}: "
+                              f"{key} should be {shape}, is {tuple(got.shape)})")
+    geometry = {"n": int(n), "width": w, "extent": extent, "band": band,
+                "symmetry_deg": float(sym)}
+    return geometry, g1, g2, training
 
 
 def model_from_dict(d: Any, where: str = "<memory>") -> Model:
@@ -99,23 +193,18 @@ def model_from_dict(d: Any, where: str = "<memory>") -> Model:
     if d.get("format_version") != FORMAT_VERSION:
         raise _bad(where, f"format version {d.get('format_version')!r} is not the supported "
                           f"version {FORMAT_VERSION}")
+    geo, g1, g2, training = _check_dict(d, where)
     try:
-        geo, lat = d["geometry"], d["lattice"]
-        net = CCSTAE(n=int(geo["n"]), extent=float(geo["extent"]),
-                     symmetry_deg=float(lat["symmetry_deg"]), width=int(geo["width"]),
-                     band=float(geo["band"]))
+        net = CCSTAE(n=geo["n"], extent=geo["extent"], symmetry_deg=geo["symmetry_deg"],
+                     width=geo["width"], band=geo["band"])
         net.load_state_dict(d["state_dict"])
-        g1 = np.asarray(lat["g1"], float)
-        g2 = np.asarray(lat["g2"], float)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _bad(where, f"damaged or incomplete ({msg})") from None
-    if g1.shape != (2,) or g2.shape != (2,) or abs(np.cross(g1, g2)) < 1e-6:
-        raise _bad(where, "its base lattice is not two independent 2D vectors")
     if not all(bool(torch.isfinite(v).all()) for v in net.state_dict().values()):
         raise _bad(where, "its weights contain NaN or infinite values")
     net.eval()
-    return Model(net, g1, g2, dict(d.get("training", {})), where)
+    return Model(net, g1, g2, dict(training), where)
 
 
 def load_model(path_or_default: str | Path | Model | None = "default") -> Model:

@@ -183,11 +183,44 @@ def _rotate(x: torch.Tensor, A: torch.Tensor, gen: torch.Generator, extent: floa
     return xr, R @ A
 
 
-def _signature(data: dict[str, torch.Tensor], seed: int, epochs: int) -> str:
+def _signature(data: dict[str, torch.Tensor], seed: int, epochs: int,
+               start: dict[str, torch.Tensor] | None = None) -> str:
+    """What a checkpoint must match to be resumed: the training data (a sample of it), seed,
+    epochs and the starting weights ``start`` (so a checkpoint left by a fit from another
+    ``--init`` model is never resumed)."""
     h = hashlib.sha1()
     h.update(data["x"][:: max(1, len(data["x"]) // 64)].numpy().tobytes())
     h.update(f"{seed}:{epochs}".encode())
+    for k, v in (start or {}).items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, ck: dict[str, Any]) -> None:
+    """Write ``ck`` atomically (a temporary, then a rename). A failed write (disk full, no
+    permission) leaves no temporary and is one ``OSError`` line."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(ck, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"cannot write the fit's checkpoint {path}: {msg}") from None
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, or None when it cannot be used (damaged, or not one).
+
+    Loaded with ``weights_only=True``: a checkpoint holds only tensors, numbers, strings,
+    lists and dicts, so a pickle planted under its name can never run code - it fails to load
+    and the fit starts over."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - damaged, foreign or unsafe: start over
+        return None
+    return ck if isinstance(ck, dict) else None
 
 
 def train_model(
@@ -213,19 +246,26 @@ def train_model(
     if init_bases:
         _init_bases(model, data)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sig = _signature(data, seed, epochs)
+    sig = _signature(data, seed, epochs, net.state_dict())
     start, best, best_state, history, bad, best_epoch = 0, math.inf, None, [], 0, 0
     if checkpoint is not None and resume and checkpoint.exists():
-        try:
-            ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            if ck.get("signature") == sig:
+        ck = _load_checkpoint(checkpoint) or {}
+        if ck.get("signature") == sig:
+            fresh = ({k: v.detach().clone() for k, v in net.state_dict().items()},
+                     opt.state_dict(), gen.get_state())
+            try:
                 net.load_state_dict(ck["state"])
                 opt.load_state_dict(ck["opt"])
-                start, best, history, bad = ck["epoch"], ck["best"], ck["history"], ck["bad"]
-                best_state, best_epoch = ck["best_state"], ck.get("best_epoch", 0)
                 gen.set_state(ck["gen"])
-        except Exception:  # noqa: BLE001 - a damaged checkpoint just means starting over
-            start = 0
+                start, best, history, bad = (int(ck["epoch"]), float(ck["best"]),
+                                             list(ck["history"]), int(ck["bad"]))
+                best_state, best_epoch = ck["best_state"], int(ck.get("best_epoch", 0))
+            except Exception:  # noqa: BLE001 - a damaged checkpoint just means starting over
+                net.load_state_dict(fresh[0])
+                opt.load_state_dict(fresh[1])
+                gen.set_state(fresh[2])
+                start, best, best_state, history, bad, best_epoch = (0, math.inf, None, [], 0,
+                                                                      0)
     for epoch in range(start, epochs):
         if bad >= patience:
             break
@@ -262,12 +302,10 @@ def train_model(
         else:
             bad += 1
         if checkpoint is not None:
-            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-            torch.save({"signature": sig, "state": net.state_dict(), "opt": opt.state_dict(),
-                        "epoch": epoch + 1, "best": best, "history": history, "bad": bad,
-                        "best_state": best_state, "best_epoch": best_epoch,
-                        "gen": gen.get_state()}, tmp)
-            tmp.replace(checkpoint)
+            _save_checkpoint(checkpoint, {
+                "signature": sig, "state": net.state_dict(), "opt": opt.state_dict(),
+                "epoch": epoch + 1, "best": best, "history": history, "bad": bad,
+                "best_state": best_state, "best_epoch": best_epoch, "gen": gen.get_state()})
         if progress is not None:
             progress(epoch + 1, epochs, f"loss {tot / max(cnt, 1):.4f} val {vl:.4f}")
     if best_state is not None:
