@@ -104,32 +104,39 @@ def bias_scatter(est: np.ndarray, truth: np.ndarray, grains: np.ndarray, sample:
     return bias_w / max(n, 1), scat / max(n, 1), worst
 
 
-def score_case(path: Path, methods: list[str]) -> dict:
-    """Run each method on one case file: MAE table plus bias/scatter per component."""
-    from napari_stem_strain.methods.ccstae import CCSTAEMethod, fit_model
+def _run(m: str, path: Path, info: dict, t0: float):
+    """One method on one file, as a user runs it (``fit`` then map for the CC-ST-AE)."""
+    from napari_stem_strain.io.ground_truth import read_ground_truth
+    from napari_stem_strain.io.readers import open_dataset
+    from napari_stem_strain.methods.ccstae import CCSTAEMethod, fit_model, load_model
     from napari_stem_strain.methods.py4dstem import Py4DSTEMMethod
 
+    if m != "ae":
+        return run_scored(Py4DSTEMMethod(), path)
+    ref = read_ground_truth(path).reference
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / "fitted.pt"
+        with open_dataset(path) as ds:
+            fit_model(ds, init="default", out=model_path, reference=ref, device="cpu")
+        model = load_model(model_path)
+        info["fit_seconds"] = round(time.perf_counter() - t0, 1)
+        info["epochs_run"] = model.training.get("epochs_run")
+        return run_scored(CCSTAEMethod(model, device="cpu"), path)
+
+
+def score_case(path: Path, methods: list[str]) -> dict:
+    """Run each method on one case file: MAE table plus bias/scatter per component."""
     out: dict = {}
     for m in methods:
         t0 = time.perf_counter()
-        info = {}
-        if m == "ae":
-            from napari_stem_strain.io.ground_truth import read_ground_truth
-            from napari_stem_strain.io.readers import open_dataset
-
-            ref = read_ground_truth(path).reference
-            with tempfile.TemporaryDirectory() as tmp:
-                model_path = Path(tmp) / "fitted.pt"
-                with open_dataset(path) as ds:
-                    fit_model(ds, init="default", out=model_path, reference=ref, device="cpu")
-                from napari_stem_strain.methods.ccstae import load_model
-
-                model = load_model(model_path)
-                info["fit_seconds"] = round(time.perf_counter() - t0, 1)
-                info["epochs_run"] = model.training.get("epochs_run")
-                sc = run_scored(CCSTAEMethod(model, device="cpu"), path)
-        else:
-            sc = run_scored(Py4DSTEMMethod(), path)
+        info: dict = {}
+        try:
+            sc = _run(m, path, info, t0)
+        except Exception as exc:  # noqa: BLE001 - a method refusing a case is a result too
+            out[m] = {"failed": f"{type(exc).__name__}: {exc}",
+                      "seconds": round(time.perf_counter() - t0, 1)}
+            print(path.stem, m, "FAILED", out[m]["failed"], flush=True)
+            continue
         t = sc.truth
         row = dict(sc.table)
         for k in COMPONENTS:
@@ -153,13 +160,16 @@ def report(results: dict) -> str:
     for name, res in results.items():
         for m, r in res.items():
             label = "CC-ST-AE (fit)" if m == "ae" else "py4DSTEM"
+            if "failed" in r:
+                rows.append([name, label, "failed:", r["failed"][:80], "", "", "0.0"])
+                continue
             rows.append([name, label, f3(r["exx"]), f3(r["eyy"]), f3(r["exy"]),
                          f"{r['theta']:.3f}", f"{100 * r['fitted']:.1f}"])
             split.append([name, label] + [f"{f3(r[k + '_bias'])} / {f3(r[k + '_scatter'])}"
                                           for k in ("exx", "eyy", "exy")]
                          + [f"{r['theta_bias']:.3f} / {r['theta_scatter']:.3f}",
                             "/".join(f3(r[k + "_maxbias"]) for k in ("exx", "eyy", "exy"))])
-        if "ae" in res and "py4dstem" in res:
+        if all(m in res and "failed" not in res[m] for m in ("ae", "py4dstem")):
             a, p = res["ae"], res["py4dstem"]
             ratio.append([name] + [f"{a[k] / p[k]:.2f}" if p[k] > 0 else "-"
                                    for k in COMPONENTS]
