@@ -6,14 +6,14 @@ Physics choices: every grain is a finite flake (a disc or cylinder of the crysta
 strain or rotation ever clashes with periodic boundaries and the reciprocal sampling ``1/box`` is
 shared by every pattern. abTEM's array axes are ``(x, y)`` in real space and ``(kx, ky)`` in the
 far field, which we keep as ``(row, col)``, so ``g = A g0`` with ``A = F^-T`` holds on the
-detector (checked numerically by ``--check``). The far field is computed at ``2/box`` finer than
-the detector and binned 2 x 2 (an area-integrating pixel) to 128 x 128 px; the real-space
+detector (checked numerically by ``--check``). The far field is sampled at ``1/box``, twice finer
+than the detector, and binned 2 x 2 (an area-integrating pixel) to 128 x 128 px; the real-space
 sampling keeps the whole 128 px square (corners included) inside abTEM's anti-aliasing pass
 band. The convergence semiangle makes the disks ~4 px in radius with first-order spots ~24 px
 from the beam (200 kV, lambda = 0.0251 A), i.e. well separated, as in nanobeam strain mapping.
 Multislice (infinite projection, IAM) gives real dynamical intensities inside the disks, frozen
 phonons (own Gaussian displacements, sigma 0.08 A, averaged over configurations) give thermal
-diffuse scattering, and a ~2 nm amorphous carbon support (random close packing with a 1.4 A
+diffuse scattering, and a ~2 nm amorphous carbon support (random sequential addition, 1.4 A
 minimum distance at 2 g/cm^3, a fresh periodic translation per grain) gives a genuinely diffuse,
 beam-following background; the vacuum strip is the probe through the support alone. Descan is
 emulated as a beam tilt: each grain has a few probe variants (tilt along the descan ramp and a
@@ -27,6 +27,8 @@ Noise-free fine-sampled patterns are cached per physics setting, so dose variant
 Usage::
 
     PYTHONPATH=src python benchmarks/validation/abtem_cases.py [--cases NAME ...] [--force]
+        [--resimulate]   # --force rewrites files (reusing cached patterns); --resimulate also
+                         # recomputes the multislice patterns
     PYTHONPATH=src python benchmarks/validation/abtem_cases.py --check abtem_ws2_3layer
 """
 
@@ -103,7 +105,7 @@ CASES: dict[str, Case] = {
     c.name: c
     for c in (
         Case("abtem_ws2_3layer", WS2, "hex", dose=1e5),
-        Case("abtem_si001_thick", SI, "square", dose=1e5),
+        Case("abtem_si001_thick", SI, "square", dose=1e5, seed=6),
         Case("abtem_ws2_3layer_lowdose", WS2, "hex", dose=2e4),
     )
 }
@@ -454,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--force", action="store_true", help="regenerate existing files")
+    ap.add_argument("--resimulate", action="store_true",
+                    help="recompute the cached noise-free patterns too (implies --force)")
     ap.add_argument("--check", metavar="CASE", help="frame/sign check on a case's patterns")
     args = ap.parse_args(argv)
     if args.check:
@@ -462,11 +466,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.cases:
         case = CASES[name]
         path = OUT_DIR / f"{name}.h5"
-        if path.exists() and not args.force:
+        if path.exists() and not (args.force or args.resimulate):
             print(f"{name}: exists, skipped ({path})")
             continue
         t0 = time.time()
-        make_case(case)
+        make_case(case, force_cache=args.resimulate)
         print(f"{name}: {path} in {time.time() - t0:.0f} s", flush=True)
 
 
