@@ -91,3 +91,22 @@ def test_py4dstem_strain_phase_dependence_stays_bounded(sweep):
     assert spread["exx"] <= 2e-5 and spread["exy"] <= 4e-5, spread
     assert spread["eyy"] <= 1.6e-4, spread
     assert spread["theta"] <= 1e-2, spread
+
+
+def test_template_uses_the_pixel_model_only_when_beams_cover_the_pixel():
+    """Beams at many sub-pixel phases: the pixel-aperture model (area-integrated disks pick
+    the whole-pixel aperture). Every beam at one phase (no descan): the radial profile - the
+    pixel model cannot tell aperture from profile there and was worse (docs/method.md)."""
+    import torch
+
+    from napari_stem_strain.methods.ccstae.preprocess import as_patterns
+    from napari_stem_strain.methods.ccstae.refine import make_template
+
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0, 1, (40, 2))
+    same = np.full((40, 2), 0.3) + rng.normal(0, 0.01, (40, 2))
+    for offsets, want in ((spread, 1.0), (same, None)):
+        centres = Q / 2 + offsets
+        pats = np.stack([render(np.zeros((2, 2)), c) for c in centres])
+        tpl = make_template(as_patterns(pats), torch.tensor(centres, dtype=torch.float32), R)
+        assert tpl.aperture == want
