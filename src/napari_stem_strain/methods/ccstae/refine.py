@@ -182,11 +182,12 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     pix = (PixelModel.fit(off.double()[None] - frac[good][:, None, :], vals, h)
            if phases_spread(frac[good]) else None)
     n = int(np.ceil((h * np.sqrt(2) + 1.0) / step)) + 2
-    if pix is not None:  # the tables below come from ``pix``; these only keep the fields
-        T, T_lin = pix.radial(n, step, sqrt=True), pix.radial(n, step, sqrt=False)
-    else:
-        T = _radial_profile(rho, vals, n, step)
-        T_lin = _radial_profile(rho, vals ** 2, n, step)
+    # the square-rooted fit keeps the radial profile: a pixel integrates counts, not their
+    # square roots, so the aperture model describes the intensities only (used through the
+    # sqrt, it cost 2x in strain MAE on disks with internal dynamical contrast)
+    T = _radial_profile(rho, vals, n, step)
+    T_lin = (pix.radial(n, step) if pix is not None
+             else _radial_profile(rho, vals ** 2, n, step))
     scale = float(T.max() - T.min())
     scale_lin = float(T_lin.max() - T_lin.min())
     if not (scale > 0 and scale_lin > 0):
@@ -200,10 +201,7 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     ph = torch.arange(-PHASES // 2, PHASES // 2 + 1, dtype=torch.float64) / PHASES
     fr = torch.stack(torch.meshgrid(ph, ph, indexing="ij"), -1).reshape(-1, 2)  # (F,2)
     v = off.double()[None] - fr[:, None, :]  # (F,P,2)
-    if pix is not None:
-        Tv, gr, gc = pix.evaluate(v, sqrt=True)
-    else:
-        Tv, gr, gc = (x.double() for x in tpl.evaluate(v.float()))
+    Tv, gr, gc = (x.double() for x in tpl.evaluate(v.float()))
     # columns: gain, offset, background ramp (2), shift (2), intensity gradient inside the
     # disk (2). The ramps are odd functions like the edge gradients; left out, a sloping
     # diffuse background would read as a shift. An intensity gradient inside a disk
@@ -228,7 +226,7 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     lin = DiskTemplate(off, (T_lin / scale_lin).float(), (dT_lin / scale_lin).float(), step,
                        float(r), *(torch.empty(0),) * 4)
     if pix is not None:
-        Tl, glr, glc = pix.evaluate(v, sqrt=False)
+        Tl, glr, glc = pix.evaluate(v)
     else:
         Tl, glr, glc = (x.double() for x in lin.evaluate(v.float()))
     tpl.design_lin = _design(Tl, glr, glc, v, h).transpose(-1, -2).float().contiguous().to(
@@ -258,7 +256,6 @@ class PixelModel:
     :data:`APERTURES`; the aperture whose fit leaves the least residual wins."""
 
     profile: torch.Tensor  # (n,) intensity profile P (normalised to unit contrast)
-    profile_sqrt: torch.Tensor  # (n,) the same for the square-rooted pixels
     step: float
     aperture: float
     sub: int = 8
@@ -266,7 +263,8 @@ class PixelModel:
     @classmethod
     def fit(cls, v: torch.Tensor, vals: torch.Tensor, h: int, step: float = 0.1,
             max_rows: int = 40_000) -> PixelModel | None:
-        """Fit to square-rooted, level-normalised beam pixels ``vals`` ``(B, P)`` at offsets
+        """Fit to the intensities of square-rooted, level-normalised beam pixels ``vals``
+        ``(B, P)`` at offsets
         ``v`` ``(B, P, 2)`` from each beam's centre. None when the data cannot tell (too few
         samples)."""
         v = v.reshape(-1, 2).double()
@@ -283,10 +281,8 @@ class PixelModel:
             lin, rss = _penalised_lstsq(D, y * y)
             if best is None or rss < best[0] * (1 - 1e-3):
                 best = (rss, ap, D, lin)
-        _, ap, D, lin = best
-        sq, _ = _penalised_lstsq(D, y)
-        norm = lambda t: t / float(t.max() - t.min())  # noqa: E731
-        return cls(norm(lin), norm(sq), step, ap)
+        _, ap, _, lin = best
+        return cls(lin / float(lin.max() - lin.min()), step, ap)
 
     @staticmethod
     def _subsamples(aperture: float, sub: int, like: torch.Tensor) -> torch.Tensor:
@@ -308,19 +304,18 @@ class PixelModel:
         D.scatter_add_(1, i0 + 1, w)
         return D
 
-    def radial(self, n: int, step: float, sqrt: bool) -> torch.Tensor:
+    def radial(self, n: int, step: float) -> torch.Tensor:
         """The profile before pixelation resampled on ``n`` radii ``step`` px apart."""
-        prof = (self.profile_sqrt if sqrt else self.profile).double()
+        prof = self.profile.double()
         x = (torch.arange(n, dtype=torch.float64) * step / self.step).clamp(
             max=len(prof) - 1)
         i0 = x.floor().long().clamp(max=len(prof) - 2)
         return torch.lerp(prof[i0], prof[i0 + 1], x - i0)
 
-    def evaluate(self, v: torch.Tensor, sqrt: bool) -> tuple[torch.Tensor, ...]:
+    def evaluate(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pixel-integrated profile and its gradient ``(T, dT/dv0, dT/dv1)`` at ``v``
         ``(..., 2)`` (float64)."""
-        prof = self.profile_sqrt if sqrt else self.profile
-        prof = prof.double()
+        prof = self.profile.double()
         u = self._subsamples(self.aperture, self.sub, v)
         w = v[..., None, :].double() + u  # (..., S, 2)
         rho = torch.linalg.norm(w, dim=-1)
