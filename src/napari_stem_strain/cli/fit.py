@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
                             device=args.device)
     info = load_model(out).training
     print(f"wrote {out} ({info.get('lattice_from')} lattice, {info.get('epochs_run')} epochs run, "
-          f"weights of epoch {info.get('best_epoch')}, best held-out loss {info.get('best_val', float('nan')):.4f}, "
+          f"weights of epoch {info.get('best_epoch')}, "
+          f"best held-out loss {info.get('best_val', float('nan')):.4f}, "
           f"{info.get('seconds')} s)")
     return 0
