@@ -178,8 +178,11 @@ def _virtual_in_background(ds: Any) -> Any:
     def job(progress: Any, should_stop: Any) -> Any:
         return virtual_images(ds, progress=progress, should_stop=should_stop)
 
+    import napari
+
     return Task(job, "Virtual images", on_done=lambda vi: _fill_virtual(ds, vi),
-                error_prefix=f"{ds.source}: virtual images failed: ")
+                error_prefix=f"{ds.source}: virtual images failed: ",
+                viewer=napari.current_viewer())
 
 
 def _fill_virtual(ds: Any, vi: Any) -> None:

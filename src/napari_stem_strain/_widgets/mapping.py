@@ -192,12 +192,9 @@ class MappingWidget(QWidget):
         if "torch" in sys.modules:
             self._show_devices(_probe_devices())
             return
-        from napari.qt.threading import create_worker
+        from ._workers import start_worker
 
-        worker = create_worker(_probe_devices, _ignore_errors=True)
-        worker.returned.connect(self._show_devices)
-        worker.start()
-        self._device_worker = worker
+        self._device_worker = start_worker(_probe_devices, self._show_devices)
 
     def _show_devices(self, found: tuple[list[str], str]) -> None:
         have, text = found
@@ -288,7 +285,8 @@ class MappingWidget(QWidget):
         self.session.hold(ds)
         self._held = ds
         self.task = Task(job, f"Strain mapping ({names})", on_done=self.session.set_results,
-                         on_end=self._ended, error_prefix="Strain mapping failed: ")
+                         on_end=self._ended, error_prefix="Strain mapping failed: ",
+                         viewer=self.viewer)
         return self.task
 
     def cancel(self) -> None:
