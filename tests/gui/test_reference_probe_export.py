@@ -217,3 +217,60 @@ def test_export_without_results_explains(make_napari_viewer, tmp_path, errors):
     exp.folder.setText(str(tmp_path))
     assert exp.export("h5") == []
     assert "nothing to export" in errors()[-1]
+
+
+@pytest.fixture
+def mapped_copy(make_napari_viewer, open_scan, tiny_sim, toy_methods, wait_task, tmp_path):
+    """A copy of the tiny simulation (tests may try to overwrite it) opened and mapped."""
+    import shutil
+
+    src = tmp_path / "scan.h5"
+    shutil.copy(tiny_sim, src)
+    viewer = make_napari_viewer()
+    open_scan(viewer, src)
+    mapping, exp = MappingWidget(viewer), ExportWidget(viewer)
+    for w in (mapping, exp):
+        viewer.window.add_dock_widget(w)
+    task = mapping.run()
+    wait_task(task)
+    assert task.status == "done"
+    return viewer, exp, src
+
+
+def test_export_refuses_to_overwrite_the_open_dataset(mapped_copy, errors, monkeypatch):
+    from napari_stem_strain._widgets import _dialogs
+
+    viewer, exp, src = mapped_copy
+    asked = []
+    monkeypatch.setattr(_dialogs, "ask_overwrite", lambda paths: asked.append(paths) or True)
+    before = src.read_bytes()
+    assert exp.folder.text() == str(src.parent)
+    exp.base.setText("scan")  # scan.h5: the raw data the viewer shows
+    assert exp.export("h5") == []
+    assert src.read_bytes() == before
+    assert asked == []  # refused outright, not even asked
+    msg = errors()[-1]
+    assert "scan.h5" in msg and "open" in msg and "\n" not in msg
+
+
+def test_export_asks_before_overwriting_another_file(mapped_copy, errors, monkeypatch):
+    from napari_stem_strain._widgets import _dialogs
+
+    viewer, exp, src = mapped_copy
+    target = src.parent / "old_result.h5"
+    target.write_bytes(b"precious")
+    answers = []
+    monkeypatch.setattr(_dialogs, "ask_overwrite",
+                        lambda paths: answers.append(list(paths)) or False)
+    exp.base.setText("old_result")
+    assert exp.export("h5") == []
+    assert target.read_bytes() == b"precious"
+    assert answers == [[target]]
+    assert errors() == []
+    monkeypatch.setattr(_dialogs, "ask_overwrite", lambda paths: True)
+    assert exp.export("h5") == [target]
+    assert set(read_results(target)) == {"ae", "py4dstem"}
+    # a name not taken yet is written without a question
+    monkeypatch.setattr(_dialogs, "ask_overwrite", lambda paths: pytest.fail("asked"))
+    exp.base.setText("fresh")
+    assert [p.name for p in exp.export("png")] == ["fresh.png"]

@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io.results import MAP_NAMES
+from . import _dialogs
 from ._session import get_session
 from ._workers import notify_error, notify_info
 
@@ -34,6 +35,10 @@ def export_h5(results: dict[str, Any], path: Path) -> list[Path]:
     from ..io.results import write_results
 
     return [write_results(path, list(results.values()), replace=True)]
+
+
+def tiff_paths(results: dict[str, Any], folder: Path, base: str) -> list[Path]:
+    return [folder / f"{base}_{name}_{comp}.tif" for name in results for comp in MAP_NAMES]
 
 
 def export_tiffs(results: dict[str, Any], folder: Path, base: str) -> list[Path]:
@@ -115,6 +120,22 @@ class ExportWidget(QWidget):
             return []
         folder = Path(self.folder.text()).expanduser()
         base = self.base.text().strip() or "strain"
+        if kind == "h5":
+            targets = [folder / f"{base}.h5"]
+        elif kind == "tif":
+            targets = tiff_paths(results, folder, base)
+        else:
+            targets = [folder / f"{base}.png"]
+        opened = self._open_sources()
+        for target in targets:
+            if _resolved(target) in opened:
+                notify_error(f"Export refused: {target} is an open data file; "
+                             "choose another file name")
+                return []
+        existing = [t for t in targets if t.exists()]
+        if existing and not _dialogs.ask_overwrite(existing):
+            self.last.setText("export cancelled: no file was replaced")
+            return []
         try:
             if not folder.is_dir():
                 raise OSError(f"folder {folder} does not exist")
@@ -131,3 +152,21 @@ class ExportWidget(QWidget):
         self.last.setText(f"wrote {len(files)} file(s) to {folder}: {names}")
         notify_info(f"wrote {len(files)} file(s) to {folder}")
         return files
+
+    def _open_sources(self) -> set[Path]:
+        """The files of every dataset open in the viewer (never export over one)."""
+        out = set()
+        for layer in self.viewer.layers:
+            info = layer.metadata.get("stem_strain") or {}
+            ds = info.get("dataset")
+            for src in (info.get("source"), getattr(ds, "source", None)):
+                if src:
+                    out.add(_resolved(Path(src)))
+        return out
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except OSError:
+        return path.expanduser().absolute()
