@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run on a Dask cluster: a scheduler address or local:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (default: add to it only when it holds "
+                   "results of this same input file, else refuse)")
     p.set_defaults(func=run)
 
 
@@ -49,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)  # fail before the work, not after
     t0 = time.perf_counter()
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
+    if not args.overwrite:  # never mix the maps of two inputs in one file
+        from ..io.results import check_adds_to_own_results
+
+        check_adds_to_own_results(args.out, args.file, hint="choose another --out, or "
+                                  "--overwrite to replace the file")
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
         n_groups = 2 if args.method == "both" else 1
         # per group: 4 maps + A + A_raw (float32) + sample (bool), plus HDF5 overhead
@@ -60,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             groups = run_methods(ds, args.method, reference=reference, model=args.model,
                                  device=args.device, batch_size=args.batch_size, progress=bar,
                                  dask_address=args.dask)
-    write_results(args.out, list(groups.values()))
+    write_results(args.out, list(groups.values()), replace=args.overwrite)
     seconds = time.perf_counter() - t0
     n = ds.scan_shape[0] * ds.scan_shape[1]
     ref = next(iter(groups.values())).reference

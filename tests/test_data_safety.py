@@ -1,0 +1,84 @@
+"""No silent loss or mix-up of data: ``map --out`` onto a result file of another input, and a
+Dectris master whose data file is missing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from napari_stem_strain.io.results import read_results
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    from napari_stem_strain.simulate import SimulationSettings, simulate_to_file
+
+    folder = tmp_path_factory.mktemp("inputs")
+    a, b = folder / "a.h5", folder / "b.h5"
+    simulate_to_file(a, SimulationSettings(scan=(6, 6), pattern=64, seed=1), workers=1)
+    simulate_to_file(b, SimulationSettings(scan=(6, 6), pattern=64, seed=2), workers=1)
+    return a, b
+
+
+def _map(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from napari_stem_strain.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["map", *args, "--quiet"])
+    return code, err.getvalue().strip()
+
+
+def test_map_out_holding_another_inputs_results_is_refused(two_inputs, tmp_path, monkeypatch):
+    a, b = two_inputs
+    out = tmp_path / "res.h5"
+    assert _map(str(a), "--method", "py4dstem", "--out", str(out))[0] == 0
+    before = _sha(out)
+
+    from napari_stem_strain import pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a method ran although the run was bound to fail")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "run_method_on", refuse)
+        code, err = _map(str(b), "--method", "ae", "--out", str(out))
+    assert code == 2
+    assert err.startswith("stem-strain: error:") and "\n" not in err
+    assert "a.h5" in err and "b.h5" in err and "--overwrite" in err
+    assert _sha(out) == before
+
+    # the same input adds its other method to the file
+    assert _map(str(a), "--method", "ae", "--out", str(out))[0] == 0
+    assert set(read_results(out)) == {"ae", "py4dstem"}
+
+    # --overwrite replaces the file: only b's result is left
+    assert _map(str(b), "--method", "py4dstem", "--out", str(out), "--overwrite")[0] == 0
+    back = read_results(out)
+    assert set(back) == {"py4dstem"} and back["py4dstem"].input_file.endswith("b.h5")
+
+
+def test_map_out_onto_a_file_that_is_no_result_is_refused(two_inputs, tmp_path, monkeypatch):
+    a, _ = two_inputs
+    other = tmp_path / "calibration.h5"
+    with h5py.File(other, "w") as h5:
+        h5["gain"] = np.ones((4, 4))
+    before = _sha(other)
+    from napari_stem_strain import pipeline
+
+    monkeypatch.setattr(pipeline, "run_method_on",
+                        lambda *a, **k: pytest.fail("a method ran"))
+    code, err = _map(str(a), "--method", "py4dstem", "--out", str(other))
+    assert code == 2 and "not a napari-stem-strain result file" in err and "\n" not in err
+    assert _sha(other) == before
