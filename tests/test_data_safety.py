@@ -82,3 +82,34 @@ def test_map_out_onto_a_file_that_is_no_result_is_refused(two_inputs, tmp_path, 
     code, err = _map(str(a), "--method", "py4dstem", "--out", str(other))
     assert code == 2 and "not a napari-stem-strain result file" in err and "\n" not in err
     assert _sha(other) == before
+
+
+def _arina(folder: Path, value: int, q: int = 12, n: int = 16) -> Path:
+    """``scan_master.h5`` + ``scan_data_000001.h5`` (every frame filled with ``value``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / "scan_data_000001.h5", "w") as f:
+        f.create_dataset("entry/data/data", data=np.full((n, q, q), value, np.uint16))
+    with h5py.File(folder / "scan_master.h5", "w") as m:
+        m.create_group("entry/data")["data_000001"] = h5py.ExternalLink(
+            "scan_data_000001.h5", "/entry/data/data")
+    return folder / "scan_master.h5"
+
+
+def test_dectris_master_never_reads_a_data_file_from_the_working_directory(tmp_path,
+                                                                           monkeypatch):
+    from napari_stem_strain.io.errors import DataError
+    from napari_stem_strain.io.readers import open_dataset
+
+    master = _arina(tmp_path / "acq1", value=1)
+    (tmp_path / "acq1" / "scan_data_000001.h5").unlink()  # the data file went missing
+    _arina(tmp_path / "acq2", value=2)  # another acquisition, same file names
+    monkeypatch.chdir(tmp_path / "acq2")
+    with pytest.raises(DataError) as err:
+        with open_dataset(master) as ds:
+            pytest.fail(f"opened frames of value {ds.read_rows(0, 1).max()} from the cwd")
+    msg = str(err.value)
+    assert "\n" not in msg and "scan_data_000001.h5" in msg and "missing" in msg
+    # with its data file beside it, the master opens its own frames
+    _arina(tmp_path / "acq1", value=1)
+    with open_dataset(master) as ds:
+        assert ds.shape == (4, 4, 12, 12) and ds.read_rows(0, 4).max() == 1
