@@ -89,6 +89,8 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
                 layer = viewer.layers[name]
                 layer.data = data
                 layer.metadata = {**layer.metadata, **meta}
+                if geometry:  # maps of another dataset (other pixel size) may be updated
+                    layer.scale, layer.translate = geometry["scale"], geometry["translate"]
             else:
                 layer = viewer.add_image(data, name=name, colormap=strain_colormap(),
                                          **(geometry or {}), metadata=meta,

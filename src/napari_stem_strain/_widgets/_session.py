@@ -9,10 +9,16 @@ psygnal signals the docks listen to.
 Results are kept *raw* (as the methods delivered them); what is shown is always derived:
 ``raw.sample & user mask`` re-referenced to the current rectangle. So un-painting the mask or
 moving the rectangle back restores the earlier maps exactly.
+
+Several datasets in one viewer: the session works on one *current* dataset (the last opened,
+or the one whose image the user selects). Each dataset keeps its own results, mask, rectangle
+and probe: switching saves the current one's and restores (or, the first time, creates) the
+other's; the mask, rectangle, probe cross and maps take the geometry of the current dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import weakref
@@ -68,6 +74,9 @@ class StrainSession:
         self._last_region: str | None = None
         self._last_error: str | None = None
         self._dataset_key: int | None = None
+        self._current: Any = None  # the current dataset (see ``nav_layer``)
+        #: saved state of the other datasets (id -> raw results, mask, region, probe)
+        self._states: dict[int, dict[str, Any]] = {}
         self._busy = False
         self._mask_key: int | None = None
         # datasets a worker is reading (id -> [dataset, count]) and ones to close afterwards
@@ -75,6 +84,7 @@ class StrainSession:
         self._close_later: set[int] = set()
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.removed.connect(self._on_layer_removed)
+        viewer.layers.selection.events.active.connect(self._on_active)
 
     # ------------------------------------------------------------------ dataset
     @property
@@ -85,16 +95,18 @@ class StrainSession:
         return v
 
     def nav_layer(self) -> Any | None:
-        """The navigation image of the current dataset: the selected one if it is ours, else
-        the most recently added."""
+        """The navigation image of the current dataset (before there is one: the selected
+        navigation image, else the most recently added)."""
         layers = self.viewer.layers
+        navs = [layer for layer in layers if _info(layer).get("role") == "navigation"]
+        if self._current is not None:
+            for layer in reversed(navs):
+                if _info(layer).get("dataset") is self._current:
+                    return layer
         active = layers.selection.active
-        if active is not None and _info(active).get("role") == "navigation":
+        if active is not None and active in navs:
             return active
-        for layer in reversed(layers):
-            if _info(layer).get("role") == "navigation":
-                return layer
-        return None
+        return navs[-1] if navs else None
 
     def info(self) -> dict[str, Any]:
         """The plugin's metadata of the navigation layer (dataset, virtual images, truth)."""
@@ -133,8 +145,23 @@ class StrainSession:
 
     def _on_layer_inserted(self, event: Any) -> None:
         layer = event.value
-        if _info(layer).get("role") == "navigation" and not self._busy:
-            self.new_dataset()
+        info = _info(layer)
+        if info.get("role") == "navigation" and not self._busy:
+            self.new_dataset(info.get("dataset"))
+
+    def _on_active(self, event: Any = None) -> None:
+        """Selecting an image of another dataset makes that dataset current."""
+        if self._busy:
+            return
+        try:
+            active = self.viewer.layers.selection.active
+        except RuntimeError:
+            return
+        info = _info(active)
+        ds = info.get("dataset")
+        if ds is not None and info.get("role") in ("navigation", "virtual") \
+                and ds is not self._current:
+            self.new_dataset(ds)
 
     def _on_layer_removed(self, event: Any) -> None:
         """Close a dataset's file once no layer shows it any more (the BF and ADF images of
@@ -148,6 +175,11 @@ class StrainSession:
             layers = []
         if any(_info(layer).get("dataset") is ds for layer in layers):
             return
+        self._states.pop(id(ds), None)
+        if ds is self._current:
+            self._current = None
+            if any(_info(layer).get("role") == "navigation" for layer in layers):
+                self.new_dataset()
         if id(ds) in self._held:
             self._close_later.add(id(ds))
         else:
@@ -170,26 +202,81 @@ class StrainSession:
                 self._close_later.discard(id(ds))
                 _close(ds)
 
-    def new_dataset(self) -> None:
-        """A new scan became current: drop old results, fit rectangle and mask to it."""
-        ds = self.dataset
+    def new_dataset(self, ds: Any = None) -> None:
+        """Make ``ds`` (default: the newest navigation image's) the current dataset: save the
+        state of the one before, restore ``ds``'s (or fit a new rectangle and mask to it)."""
+        if ds is None:
+            self._current = None
+            ds = self.dataset
+        elif not any(_info(layer).get("role") == "navigation"
+                     and _info(layer).get("dataset") is ds for layer in self.viewer.layers):
+            return  # e.g. its ADF image was added before its navigation image
         key = id(ds) if ds is not None else None
-        if key == self._dataset_key:
+        if key == self._dataset_key and ds is self._current:
             return
+        if self._dataset_key is not None and self._dataset_key != key:
+            self._states[self._dataset_key] = self._snapshot()
+        self._current = ds
         self._dataset_key = key
+        state = self._states.pop(key, None) if key is not None else None
         self.raw_results, self.results = {}, {}
         self.probe = None
+        self._mask_key = None
+        self._last_region = None
         if ds is not None:
-            self.ensure_layers(reset=True)
+            if state is None:
+                self.ensure_layers(reset=True)
+            else:
+                self._restore(state)
+        if self.raw_results:
+            self.refresh()
+        else:
+            self._remove_maps()
         self.dataset_changed.emit()
         self.results_changed.emit()
+
+    def _snapshot(self) -> dict[str, Any]:
+        mask = self.mask_layer(create=False)
+        return {"raw_results": dict(self.raw_results), "probe": self.probe,
+                "region": self.reference_region(),
+                "mask": None if mask is None else np.array(mask.data, copy=True)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._busy = True
+        try:
+            self.raw_results = dict(state["raw_results"])
+            self.ensure_layers()
+            mask = state["mask"]
+            if mask is not None and mask.shape == self.scan_shape:
+                self.mask_layer(create=True).data = mask
+            self.probe = state["probe"]
+        finally:
+            self._busy = False
+        self.set_reference_region(state["region"] or self.default_region())
+
+    def _remove_maps(self) -> None:
+        """Map layers of another dataset do not stay over this one."""
+        layers = self.viewer.layers
+        for layer in [la for la in layers if _info(la).get("role") == "map"]:
+            layers.remove(layer)
+
+    def _fit_geometry(self) -> None:
+        """Scan-space layers of the plugin take the current dataset's scale and offset."""
+        kw = self.layer_kwargs()
+        for layer in self.viewer.layers:
+            if _info(layer).get("role") in ("mask", "reference", "map", "probe"):
+                layer.scale, layer.translate = kw["scale"], kw["translate"]
+                if "units" in kw:
+                    with contextlib.suppress(Exception):
+                        layer.units = kw["units"]
 
     # ------------------------------------------------------------ scan layers
     def ensure_layers(self, reset: bool = False) -> None:
         """Create (or with ``reset`` re-create for a new scan) the mask and the rectangle."""
         if self.dataset is None:
             return
-        self._dataset_key = id(self.dataset)
+        self._current = self.dataset
+        self._dataset_key = id(self._current)
         self._busy = True
         try:
             fresh = self.mask_layer(create=False) is None
@@ -198,6 +285,7 @@ class StrainSession:
                 self._replace_mask_layer()
                 self.fill_mask("virtual")
             ref = self.reference_layer(create=True)
+            self._fit_geometry()
             if reset or len(ref.data) == 0:
                 self.set_reference_region(self.default_region())
         finally:
@@ -347,8 +435,14 @@ class StrainSession:
         self.refresh()
 
     # --------------------------------------------------------------- results
-    def set_results(self, raw: dict[str, MethodMaps]) -> None:
-        """Store freshly computed results (any reference) and show them."""
+    def set_results(self, raw: dict[str, MethodMaps], dataset: Any = None) -> None:
+        """Store freshly computed results (any reference) of ``dataset`` (default: the current
+        one) and show them - or keep them for when that dataset is current again."""
+        if dataset is not None and dataset is not self.dataset:
+            state = self._states.get(id(dataset))
+            if state is not None:
+                state["raw_results"] = {**state["raw_results"], **raw}
+            return
         self.raw_results = {**self.raw_results, **raw}
         self.refresh()
 

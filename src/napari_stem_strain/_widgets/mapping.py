@@ -284,7 +284,9 @@ class MappingWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.session.hold(ds)
         self._held = ds
-        self.task = Task(job, f"Strain mapping ({names})", on_done=self.session.set_results,
+        session = self.session
+        self.task = Task(job, f"Strain mapping ({names})",
+                         on_done=lambda raw: session.set_results(raw, dataset=ds),
                          on_end=self._ended, error_prefix="Strain mapping failed: ",
                          viewer=self.viewer)
         return self.task
