@@ -106,6 +106,8 @@ class RampMethod(BlockMethod):
     def process_block(self, block, r0):
         if self.delay:
             time.sleep(self.delay)
+        if isinstance(self.fail, BaseException):
+            raise self.fail
         if self.fail:
             raise RuntimeError("toy method cannot fit these patterns")
         n, Ry = block.shape[:2]

@@ -101,6 +101,24 @@ def notify_info(message: str) -> None:
     show_info(message)
 
 
+#: exceptions the code raises on purpose with a message for the user (bad data, a refused
+#: setting, out of memory, unreadable files): shown as they are, no traceback in the terminal
+_REFUSALS = (ValueError, OSError, MemoryError)
+#: exceptions that mean a bug, whose text ("index -9223372036854653445 is out of bounds")
+#: means nothing to the user: a plain sentence is shown, the traceback goes to the log
+_INTERNAL = (LookupError, TypeError, AttributeError, ArithmeticError, AssertionError,
+             NameError)
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for the user about a failed run."""
+    if isinstance(exc, _INTERNAL) and not isinstance(exc, _REFUSALS):
+        return (f"an internal error ({type(exc).__name__}) stopped the run - please report it "
+                "with the terminal's log")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class _Bridge(QObject):
     progressed = Signal(int, int, str)
 
@@ -249,9 +267,11 @@ class Task:
             notify_info(f"{self.description}: cancelled")
             return
         self.status = "failed"
-        log.error("%s failed", self.description, exc_info=exc)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        notify_error(f"{self._error_prefix}{msg}")
+        notify_error(f"{self._error_prefix}{failure_message(exc)}")
+        if isinstance(exc, _REFUSALS):  # a clean refusal: its message says it all
+            log.info("%s failed: %s", self.description, exc)
+        else:
+            log.error("%s failed", self.description, exc_info=exc)
 
     def _on_finished(self) -> None:
         if self._detached:

@@ -66,6 +66,30 @@ def _probe_devices() -> tuple[list[str], str]:
     return have, "torch sees no CUDA GPU: CC-ST-AE runs on the CPU"
 
 
+def dask_address_problem(address: str) -> str | None:
+    """Why ``address`` is no Dask address (one line), or ``None``: ``local``, ``local:N`` or
+    ``[scheme://]host:port`` with a port number."""
+    import re
+
+    text = address.strip()
+    local = re.fullmatch(r"(?i)local(?::(.*))?", text)
+    if local:
+        n = local.group(1)
+        if n is None or (n.isdigit() and int(n) >= 1):
+            return None
+        return f"Dask cluster {address!r}: expected local:N with N a number of workers (1 or more)"
+    m = re.fullmatch(r"(?:([a-z][a-z0-9+.-]*)://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+)"
+                     r":([^:/]*)/?", text)
+    if m is None:
+        return (f"Dask cluster {address!r} is not an address: expected host:port "
+                "(e.g. tcp://host:8786) or local:N")
+    port = m.group(3)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return (f"Dask cluster {address!r}: the port must be a number from 1 to 65535 "
+                "(e.g. tcp://host:8786)")
+    return None
+
+
 def _grid(viewer: Any) -> Any:
     """napari's grid settings (``viewer.canvas.grid`` since 0.9, ``viewer.grid`` before)."""
     canvas = getattr(viewer, "canvas", None)
@@ -260,6 +284,10 @@ class MappingWidget(QWidget):
         fit_epochs = self.epochs.value() if "ae" in methods and choice == MODEL_FIT else 0
         dask_address = self.dask_address.text().strip() or None
         if dask_address:
+            problem = dask_address_problem(dask_address)
+            if problem:
+                notify_error(problem)
+                return None
             _settings().setValue(DASK_KEY, dask_address)
 
         def job(progress: Any, should_stop: Any) -> Any:

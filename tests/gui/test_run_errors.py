@@ -1,0 +1,55 @@
+"""What a failed or refused run tells the user: one human line, no raw internals, and no
+traceback in the terminal for a clean refusal."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from napari_stem_strain._widgets.mapping import MappingWidget
+
+
+@pytest.fixture
+def dock(make_napari_viewer, open_scan, tiny_sim):
+    viewer = make_napari_viewer()
+    open_scan(viewer, tiny_sim)
+    w = MappingWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    return w
+
+
+def test_clean_refusal_is_one_line_without_traceback(dock, wait_task, toy_methods, errors,
+                                                     caplog):
+    toy_methods["fail"] = ValueError("no direct beam found in the patterns (all empty?)")
+    with caplog.at_level(logging.DEBUG):
+        task = dock.run()
+        wait_task(task)
+    assert task.status == "failed"
+    assert errors() == ["Strain mapping failed: no direct beam found in the patterns "
+                        "(all empty?)"]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_internal_error_is_not_shown_raw(dock, wait_task, toy_methods, errors):
+    toy_methods["fail"] = IndexError("index -9223372036854653445 is out of bounds for axis 0 "
+                                     "with size 8")
+    task = dock.run()
+    wait_task(task)
+    assert task.status == "failed"
+    (msg,) = errors()
+    assert msg.startswith("Strain mapping failed: ") and "\n" not in msg
+    assert "-9223" not in msg and "index" not in msg.lower().split(":", 1)[1][:12]
+    assert "internal error" in msg
+
+
+@pytest.mark.parametrize("address", ["foo:bar", "tcp://host:port", "host:99999", "local:x"])
+def test_typo_in_dask_address_is_explained_before_the_run(dock, toy_methods, errors,
+                                                          address):
+    dock.dask_address.setText(address)
+    assert dock.run() is None
+    assert toy_methods["made"] == []
+    msg = errors()[-1]
+    assert "Dask" in msg and address in msg and "\n" not in msg
+    assert "invalid literal" not in msg
+    assert dock.run_button.isEnabled()
