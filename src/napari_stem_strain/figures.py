@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_maps", "symmetric_limit"]
+__all__ = ["plot_maps", "symmetric_limit", "NAN_COLOUR"]
+
+#: Blank positions (NaN: vacuum, background, not fitted) - a neutral grey, far from the white
+#: of zero strain in the diverging colormap (the napari maps use it too).
+NAN_COLOUR = (0.4, 0.4, 0.4)
 
 _COMPONENTS = (("exx", "exx (%)", 100.0), ("eyy", "eyy (%)", 100.0),
                ("exy", "exy (%)", 100.0), ("theta", "theta (deg)", 1.0))
@@ -36,7 +40,9 @@ def plot_maps(groups: dict[str, Any], path: str | Path, truth: Any = None,
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
+    cmap = colormaps["RdBu_r"].with_extremes(bad=NAN_COLOUR)
     rows: list[tuple[str, dict[str, np.ndarray]]] = []
     if truth is not None:
         t = {c: np.where(truth.sample, getattr(truth, c), np.nan) for c, _, _ in _COMPONENTS}
@@ -49,7 +55,7 @@ def plot_maps(groups: dict[str, Any], path: str | Path, truth: Any = None,
         lim = symmetric_limit(*(r[1][comp] * scale for r in rows))
         for i, (name, maps) in enumerate(rows):
             ax = axes[i, j]
-            im = ax.imshow(maps[comp] * scale, cmap="RdBu_r", vmin=-lim, vmax=lim,
+            im = ax.imshow(maps[comp] * scale, cmap=cmap, vmin=-lim, vmax=lim,
                            interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -59,6 +65,9 @@ def plot_maps(groups: dict[str, Any], path: str | Path, truth: Any = None,
                 ax.set_ylabel(name)
             if i == len(rows) - 1:
                 fig.colorbar(im, ax=axes[:, j], shrink=0.8, location="bottom")
+    if any(not np.all(np.isfinite(maps[c])) for _, maps in rows for c, _, _ in _COMPONENTS):
+        note = "grey: no value (vacuum, background or not fitted)"
+        title = f"{title}\n{note}" if title else note
     if title:
         fig.suptitle(title)
     path = Path(path)
