@@ -6,6 +6,7 @@ units people quote; the files keep the dimensionless fractions of ``CONVENTIONS.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,82 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
             layer.contrast_limits = (-lim, lim)
             layers.append(layer)
     if created and layers:
-        # show the first method's exx on top of the navigation image
+        _below_overlays(viewer, layers)
+        # show the first method's exx and select it (napari selected the last one added, a
+        # hidden map: the status bar then showed no value)
         layers[0].visible = True
+        viewer.layers.selection.active = layers[0]
+    if layers:
+        _backdrop(viewer, layers, geometry)
     return layers
+
+
+#: roles of the plugin's overlays, kept above the maps (rectangle, mask, probe cross)
+_OVERLAYS = ("mask", "reference", "probe")
+BLANK_LAYER = "no value (NaN)"
+_SYNCED: weakref.WeakSet = weakref.WeakSet()  # map layers whose visibility drives the backdrop
+
+
+def _role(layer: Any) -> str | None:
+    return ((getattr(layer, "metadata", None) or {}).get(META_KEY) or {}).get("role")
+
+
+def _below_overlays(viewer: Any, new: list[Any]) -> None:
+    """Move the new map layers under the lowest overlay (they would hide them on top)."""
+    ll = viewer.layers
+    for layer in new:
+        over = [ll.index(la) for la in ll if _role(la) in _OVERLAYS]
+        i = ll.index(layer)
+        if over and i > min(over):
+            ll.move(i, min(over))
+
+
+def _backdrop(viewer: Any, maps: list[Any], geometry: dict[str, Any] | None) -> Any:
+    """A uniform neutral layer right under the maps: blank (NaN) positions of a shown map then
+    read as "no value" (``figures.NAN_COLOUR``), not as the grey image beneath - whose
+    mid-grey looks like zero strain. Shown while any map is shown."""
+    from napari.utils.colormaps import Colormap
+
+    from ..figures import NAN_COLOUR
+
+    ll = viewer.layers
+    shape = np.shape(maps[0].data)
+    layer = next((la for la in ll if _role(la) == "blank"), None)
+    if layer is None:
+        active = ll.selection.active  # adding a layer selects it: keep the user's selection
+        colour = [*NAN_COLOUR, 1.0]
+        layer = viewer.add_image(
+            np.zeros(shape, np.uint8), name=BLANK_LAYER, **(geometry or {}),
+            colormap=Colormap([colour, colour], name="no value", display_name="no value"),
+            contrast_limits=(0, 1), opacity=1.0,
+            metadata={META_KEY: {"role": "blank"}})
+        if active is not None:
+            ll.selection.active = active
+    elif np.shape(layer.data) != shape:
+        layer.data = np.zeros(shape, np.uint8)
+    if geometry:
+        layer.scale, layer.translate = geometry["scale"], geometry["translate"]
+    lowest = min(ll.index(la) for la in ll if _role(la) == "map")
+    i = ll.index(layer)
+    if i > lowest:
+        ll.move(i, lowest)
+    elif i < lowest - 1:
+        ll.move(i, lowest)  # moving down-list shifts the maps by one: lands right below
+    for m in maps:
+        if m not in _SYNCED:
+            m.events.visible.connect(lambda _e, v=viewer: sync_backdrop(v))
+            _SYNCED.add(m)
+    sync_backdrop(viewer)
+    return layer
+
+
+def sync_backdrop(viewer: Any) -> None:
+    """The backdrop is visible while a map is (never in the side-by-side grid)."""
+    ll = viewer.layers
+    blank = next((la for la in ll if _role(la) == "blank"), None)
+    if blank is None:
+        return
+    grid = getattr(getattr(viewer, "canvas", None), "grid", None) or getattr(viewer, "grid",
+                                                                              None)
+    in_grid = bool(getattr(grid, "enabled", False))
+    blank.visible = not in_grid and any(la.visible for la in ll if _role(la) == "map")

@@ -257,14 +257,14 @@ class StrainSession:
     def _remove_maps(self) -> None:
         """Map layers of another dataset do not stay over this one."""
         layers = self.viewer.layers
-        for layer in [la for la in layers if _info(la).get("role") == "map"]:
+        for layer in [la for la in layers if _info(la).get("role") in ("map", "blank")]:
             layers.remove(layer)
 
     def _fit_geometry(self) -> None:
         """Scan-space layers of the plugin take the current dataset's scale and offset."""
         kw = self.layer_kwargs()
         for layer in self.viewer.layers:
-            if _info(layer).get("role") in ("mask", "reference", "map", "probe"):
+            if _info(layer).get("role") in ("mask", "reference", "map", "probe", "blank"):
                 layer.scale, layer.translate = kw["scale"], kw["translate"]
                 if "units" in kw:
                     with contextlib.suppress(Exception):

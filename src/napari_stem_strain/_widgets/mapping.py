@@ -34,7 +34,14 @@ from qtpy.QtWidgets import (
 )
 
 from ..io.results import MAP_NAMES
-from ._layers import MAP_UNITS, META_KEY, display_values, method_colour, method_label
+from ._layers import (
+    MAP_UNITS,
+    META_KEY,
+    display_values,
+    method_colour,
+    method_label,
+    sync_backdrop,
+)
 from ._session import get_session
 from ._workers import Task, notify_error
 
@@ -412,9 +419,11 @@ class MappingWidget(QWidget):
             grid = _grid(viewer)
             grid.shape = (n_methods, len(MAP_NAMES))
             grid.enabled = True
+            sync_backdrop(viewer)  # the blank backdrop would be a tile of its own
         else:
             _grid(viewer).enabled = False
             for layer in self._hidden_for_grid:
                 if layer in viewer.layers:
                     layer.visible = True
             self._hidden_for_grid = []
+            sync_backdrop(viewer)
