@@ -85,6 +85,10 @@ def test_rectangle_and_mask_rereference_at_once(mapped, toy_methods, errors):
     np.testing.assert_array_equal(exx.data, before)
     new = errors()[errors_before:]
     assert len(new) == 1 and "move it onto the crystal" in new[0]
+    # ... and the rectangle and the dock go back to the region the maps still use
+    assert session.reference_region() == "3:5,3:6"
+    assert docks["reference"].region_edit.text() == "3:5,3:6"
+    assert len(viewer.layers[REFERENCE_LAYER].data) == 1
 
     # painting background blanks the maps there, painting sample brings them back
     viewer.layers[REFERENCE_LAYER].data = [_rect(2, 5, 2, 5)]

@@ -430,9 +430,13 @@ class StrainSession:
         region = self.reference_region()
         if region is None or region == self._last_region:
             return
-        self._last_region = region
+        previous, self._last_region = self._last_region, region
+        if not self.refresh() and previous is not None:
+            # refused (e.g. on vacuum): the rectangle and the dock go back to the region the
+            # maps still use, rather than show one they do not
+            self.set_reference_region(previous)
+            return
         self.reference_changed.emit(region)
-        self.refresh()
 
     # --------------------------------------------------------------- results
     def set_results(self, raw: dict[str, MethodMaps], dataset: Any = None) -> None:
@@ -446,10 +450,11 @@ class StrainSession:
         self.raw_results = {**self.raw_results, **raw}
         self.refresh()
 
-    def refresh(self) -> None:
-        """Recompute what is shown from the raw results, the mask and the rectangle."""
+    def refresh(self) -> bool:
+        """Recompute what is shown from the raw results, the mask and the rectangle; False
+        when the rectangle was refused (a notification says why; nothing changed)."""
         if not self.raw_results:
-            return
+            return True
         region = self.reference_region()
         mask = self.sample_mask()
         try:
@@ -464,11 +469,12 @@ class StrainSession:
             if msg != self._last_error:
                 self._last_error = msg
                 _notify_error(f"Cannot use this reference: {msg}")
-            return
+            return False
         self._last_error = None
         self.results = shown
         show_results(self.viewer, shown, self.layer_kwargs())
         self.results_changed.emit()
+        return True
 
     # ----------------------------------------------------------------- probe
     def set_probe(self, row: int, col: int) -> None:
