@@ -181,7 +181,7 @@ def _virtual_in_background(ds: Any) -> Any:
     import napari
 
     return Task(job, "Virtual images", on_done=lambda vi: _fill_virtual(ds, vi),
-                error_prefix=f"{ds.source}: virtual images failed: ",
+                error_prefix=f"{Path(str(ds.source or 'data')).name}: virtual images failed: ",
                 viewer=napari.current_viewer())
 
 
@@ -225,9 +225,19 @@ def read_4dstem(path: str | list[str]) -> list[LayerData]:
 
         return dataset_layers(ds, read_ground_truth(path))
     except DataError as err:
-        show_error(str(err))
+        log.info("%s", err)
+        show_error(short_message(str(err), path))
     except Exception as err:  # noqa: BLE001 - any failure is a notification, not a traceback
         log.exception("reading %s failed", path)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        show_error(f"{path}: cannot be read ({first})")
+        show_error(f"{Path(path).name}: cannot be read ({first})")
     return [(None,)]
+
+
+def short_message(message: str, path: Any) -> str:
+    """``message`` with a leading full path cut to the file's name: napari's toasts are short,
+    and the cause after a long folder path was what got cut off."""
+    for lead in (str(path), str(Path(path).expanduser().resolve())):
+        if message.startswith(lead + ":"):
+            return Path(path).name + message[len(lead):]
+    return message

@@ -53,3 +53,21 @@ def test_typo_in_dask_address_is_explained_before_the_run(dock, toy_methods, err
     assert "Dask" in msg and address in msg and "\n" not in msg
     assert "invalid literal" not in msg
     assert dock.run_button.isEnabled()
+
+
+def test_unreadable_file_message_leads_with_the_cause(make_napari_viewer, tmp_path, errors):
+    """A toast is short: the file's name and the cause, not a long folder path first (napari
+    cuts long toasts, and the cause was the part cut off)."""
+    import h5py
+    import numpy as np
+
+    deep = tmp_path / ("a_rather_long_folder_name_" * 3) / "acquisitions" / "2026-11-28"
+    deep.mkdir(parents=True)
+    path = deep / "flat.h5"
+    with h5py.File(path, "w") as h5:
+        h5["image"] = np.zeros((87, 87), np.float32)
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-stem-strain")
+    (msg,) = errors()
+    assert msg.startswith("flat.h5: ") and "no 4D-STEM data" in msg
+    assert str(deep) not in msg
