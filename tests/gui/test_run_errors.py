@@ -71,3 +71,15 @@ def test_unreadable_file_message_leads_with_the_cause(make_napari_viewer, tmp_pa
     (msg,) = errors()
     assert msg.startswith("flat.h5: ") and "no 4D-STEM data" in msg
     assert str(deep) not in msg
+
+
+def test_progress_names_methods_as_the_user_knows_them(dock, qtbot, wait_task, toy_methods):
+    toy_methods["delay"] = 0.1
+    dock.use_py4dstem.setChecked(False)
+    task = dock.run()
+    qtbot.waitUntil(lambda: task.pbar.n > 0, timeout=10_000)
+    desc = task.pbar.desc
+    dock.cancel()
+    wait_task(task)
+    assert "CC-ST-AE" in desc and "rows" in desc
+    assert "ae:" not in desc

@@ -119,6 +119,17 @@ def failure_message(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def progress_text(message: str) -> str:
+    """A core progress message for people: the method's name, not its key (``ae: 3/48 rows``
+    -> ``CC-ST-AE 3/48 rows``)."""
+    from ._layers import METHOD_LABELS
+
+    key, sep, rest = message.partition(": ")
+    if sep and key in METHOD_LABELS:
+        return f"{METHOD_LABELS[key]} {rest}"
+    return message
+
+
 class _Bridge(QObject):
     progressed = Signal(int, int, str)
 
@@ -236,7 +247,7 @@ class Task:
             self.pbar.total = total
         target = min(done, total) if total > 0 else done
         if message:
-            self.pbar.set_description(f"{self.description}: {message}")
+            self.pbar.set_description(f"{self.description}: {progress_text(message)}")
         # update() emits the value event the activity dock listens to (setting n does not)
         self.pbar.update(target - self.pbar.n)
 
