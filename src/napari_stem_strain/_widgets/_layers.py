@@ -84,21 +84,32 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
             name = map_layer_name(method, comp)
             data = display_values(m, comp)
             lim = symmetric_limit(data)
-            meta = {META_KEY: {"role": "map", "method": method, "component": comp,
-                               "maps": m}}
+            meta = {"role": "map", "method": method, "component": comp, "maps": m,
+                    "auto_limits": (-lim, lim)}
             if name in viewer.layers:
                 layer = viewer.layers[name]
+                before = layer.metadata.get(META_KEY) or {}
+                old = before.get("auto_limits")
+                user = bool(before.get("user_limits")) or (
+                    old is not None and not np.allclose(layer.contrast_limits, old))
                 layer.data = data
-                layer.metadata = {**layer.metadata, **meta}
+                layer.metadata = {**layer.metadata, META_KEY: meta}
                 if geometry:  # maps of another dataset (other pixel size) may be updated
                     layer.scale, layer.translate = geometry["scale"], geometry["translate"]
             else:
                 layer = viewer.add_image(data, name=name, colormap=strain_colormap(),
-                                         **(geometry or {}), metadata=meta,
+                                         **(geometry or {}), metadata={META_KEY: meta},
                                          interpolation2d="nearest", visible=False)
-                created = True
-            layer.contrast_limits_range = (-lim, lim)
-            layer.contrast_limits = (-lim, lim)
+                created, user = True, False
+            if user:  # limits the user chose stay (re-referencing or masking keeps them)
+                kept = tuple(layer.contrast_limits)
+                lo, hi = min(-lim, kept[0]), max(lim, kept[1])
+                layer.contrast_limits_range = (lo, hi)
+                layer.contrast_limits = kept
+                meta["user_limits"] = True
+            else:
+                layer.contrast_limits_range = (-lim, lim)
+                layer.contrast_limits = (-lim, lim)
             layers.append(layer)
     if created and layers:
         _below_overlays(viewer, layers)

@@ -65,6 +65,8 @@ class StrainSession:
     reference_changed = Signal(str)
     probe_changed = Signal(int, int)
     dataset_changed = Signal()
+    #: the sample mask changed (painting, undo/redo, fill), with or without results
+    mask_changed = Signal()
 
     def __init__(self, viewer: Any) -> None:
         self._viewer_ref = weakref.ref(viewer)
@@ -331,6 +333,8 @@ class StrainSession:
         layer.events.paint.connect(self._on_mask_edit)
         layer.events.labels_update.connect(self._on_mask_edit)
         layer.events.data.connect(self._on_mask_edit)
+        # undo / redo rewrite the pixels and only emit set_data
+        layer.events.set_data.connect(self._on_mask_edit)
         # keep the rectangle drawn above the mask
         if REFERENCE_LAYER in self.viewer.layers:
             layers = self.viewer.layers
@@ -349,9 +353,10 @@ class StrainSession:
         self._add_mask_layer()
 
     # ----------------------------------------------------------------- mask
-    def fill_mask(self, source: str = "virtual") -> None:
+    def fill_mask(self, source: str = "virtual", undoable: bool = False) -> None:
         """Fill the mask from the virtual images (``"virtual"``) or from the methods' own
-        sample classification (``"classifier"``: CC-ST-AE's when present)."""
+        sample classification (``"classifier"``: CC-ST-AE's when present). ``undoable``: as
+        one step of the mask layer's undo history (the dock's Fill button)."""
         from ..overlay import mask_from_virtual
 
         layer = self.mask_layer(create=True)
@@ -366,7 +371,13 @@ class StrainSession:
                 sample = np.ones(self.scan_shape or layer.data.shape, bool)
             else:
                 sample = mask_from_virtual(vi.bright_field, vi.dark_field)
-        layer.data = np.where(sample, SAMPLE, BACKGROUND).astype(np.uint8)
+        new = np.where(sample, SAMPLE, BACKGROUND).astype(np.uint8)
+        if undoable and layer.data.shape == new.shape:
+            changed = np.nonzero(np.asarray(layer.data) != new)
+            if changed[0].size:
+                layer.data_setitem(changed, new[changed])
+            return
+        layer.data = new
 
     def sample_mask(self) -> np.ndarray | None:
         """True where the user's mask says crystal (``None`` without a mask layer)."""
@@ -382,6 +393,7 @@ class StrainSession:
         key = None if mask is None else hash(mask.tobytes())
         if key != self._mask_key:  # labels_update also fires for display-only refreshes
             self._mask_key = key
+            self.mask_changed.emit()
             self.refresh()
 
     # ------------------------------------------------------------ reference

@@ -84,6 +84,7 @@ class ReferenceWidget(QWidget):
         self.session.reference_changed.connect(self._show_region)
         self.session.dataset_changed.connect(self._update)
         self.session.results_changed.connect(self._update_mask_label)
+        self.session.mask_changed.connect(self._update_mask_label)
         if self.session.dataset is not None:
             self.session.ensure_layers()
         self._update()
@@ -139,7 +140,7 @@ class ReferenceWidget(QWidget):
             notify_error("open a 4D-STEM file first")
             return
         try:
-            self.session.fill_mask(_SOURCES[self.source.currentText()])
+            self.session.fill_mask(_SOURCES[self.source.currentText()], undoable=True)
         except ValueError as err:
             notify_error(str(err))
         self._update_mask_label()
