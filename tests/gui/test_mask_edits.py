@@ -76,3 +76,18 @@ def test_user_colour_limits_survive_reference_and_mask_edits(docks, toy_methods,
     # layers the user did not touch still follow the data
     eyy = viewer.layers[map_layer_name("ae", "eyy")]
     assert eyy.contrast_limits[0] == -eyy.contrast_limits[1]
+
+
+def test_mae_uses_the_users_reference_and_mask(docks, toy_methods, wait_task):
+    from napari_stem_strain.pipeline import compare_to_truth
+
+    viewer, mapping, _ = docks
+    wait_task(mapping.run())
+    session = get_session(viewer)
+    session.set_reference_region("6:9,6:9")
+    viewer.layers[MASK_LAYER].paint((7, 3), BACKGROUND, refresh=True)
+    gt = session.ground_truth
+    expected = compare_to_truth(
+        session.results, gt.relative_to("6:9,6:9", session.sample_mask()))
+    assert mapping.mae() == expected
+    assert mapping.mae() != compare_to_truth(session.results, gt)

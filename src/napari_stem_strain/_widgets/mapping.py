@@ -187,8 +187,10 @@ class MappingWidget(QWidget):
         self.mae_table.setHorizontalHeaderLabels(
             [f"{c} ({MAP_UNITS[c][0]})" for c in MAP_NAMES])
         self.mae_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.mae_note = QLabel("Mean absolute error against the file's ground truth, over all "
-                               "sample positions (CONVENTIONS.md).")
+        self.mae_note = QLabel("Mean absolute error against the file's ground truth, "
+                               "re-referenced to the reference rectangle, over the positions "
+                               "that are sample in both the truth and the mask "
+                               "(CONVENTIONS.md).")
         self.mae_note.setWordWrap(True)
         mae_page = QWidget()
         mlay = QVBoxLayout(mae_page)
@@ -388,6 +390,9 @@ class MappingWidget(QWidget):
             return {}
         from ..pipeline import compare_to_truth
 
+        # the truth relative to the user's rectangle, over the user's sample mask (positions
+        # painted background are no method's error)
+        gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
         return compare_to_truth(self.session.results, gt)
 
     def _fill_mae(self) -> None:
