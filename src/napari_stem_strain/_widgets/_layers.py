@@ -79,11 +79,14 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
     """
     layers = []
     created = False
+    # one limit per component for every method: one colour means one value in every tile
+    lims = {comp: symmetric_limit(*(display_values(m, comp) for m in results.values()))
+            for comp in MAP_NAMES}
     for method, m in results.items():
         for comp in MAP_NAMES:
             name = map_layer_name(method, comp)
             data = display_values(m, comp)
-            lim = symmetric_limit(data)
+            lim = lims[comp]
             meta = {"role": "map", "method": method, "component": comp, "maps": m,
                     "auto_limits": (-lim, lim)}
             if name in viewer.layers:

@@ -113,6 +113,7 @@ class MappingWidget(QWidget):
         self.task: Task | None = None
         self._held: Any = None  # the dataset the running task reads (see ``session.hold``)
         self._hidden_for_grid: list[Any] = []
+        self._maps_before_grid: dict[Any, bool] = {}
 
         # -- methods -----------------------------------------------------------------
         run_box = QGroupBox("Methods")
@@ -414,6 +415,8 @@ class MappingWidget(QWidget):
         maps = [layer for layer in viewer.layers
                 if (layer.metadata.get(META_KEY) or {}).get("role") == "map"]
         if on and maps:
+            if not _grid(viewer).enabled:  # remember the maps' own visibility for later
+                self._maps_before_grid = {layer: layer.visible for layer in maps}
             for layer in viewer.layers:
                 if layer not in maps and layer.visible:
                     layer.visible = False
@@ -425,10 +428,18 @@ class MappingWidget(QWidget):
             grid.shape = (n_methods, len(MAP_NAMES))
             grid.enabled = True
             sync_backdrop(viewer)  # the blank backdrop would be a tile of its own
+            viewer.reset_view()  # every tile whole, not a zoomed fragment
         else:
+            was_grid = _grid(viewer).enabled
             _grid(viewer).enabled = False
+            for layer, visible in self._maps_before_grid.items():
+                if layer in viewer.layers:
+                    layer.visible = visible
+            self._maps_before_grid = {}
             for layer in self._hidden_for_grid:
                 if layer in viewer.layers:
                     layer.visible = True
             self._hidden_for_grid = []
             sync_backdrop(viewer)
+            if was_grid:
+                viewer.reset_view()
