@@ -83,3 +83,34 @@ def test_progress_names_methods_as_the_user_knows_them(dock, qtbot, wait_task, t
     wait_task(task)
     assert "CC-ST-AE" in desc and "rows" in desc
     assert "ae:" not in desc
+
+
+def test_model_fitted_in_the_dock_is_kept_where_the_user_can_find_it(dock, wait_task,
+                                                                     toy_methods, monkeypatch,
+                                                                     tmp_path):
+    import os
+    from pathlib import Path
+
+    from napari_stem_strain._widgets.mapping import MODEL_FILE, MODEL_FIT
+    from napari_stem_strain.methods import ccstae
+
+    written = []
+
+    def fake_fit(ds, out, **kwargs):
+        Path(out).write_bytes(b"weights")
+        written.append(Path(out))
+        return Path(out)
+
+    monkeypatch.setattr(ccstae, "fit_model", fake_fit)
+    dock.use_py4dstem.setChecked(False)
+    dock.model.setCurrentText(MODEL_FIT)
+    task = dock.run()
+    wait_task(task)
+    assert task.status == "done"
+    (model,) = written
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "napari-stem-strain" / "models"
+    assert model.parent == cache and model.name.startswith("tiny")
+    # the dock now offers that file for the next run and says where it is
+    assert dock.model.currentText() == MODEL_FILE
+    assert dock.model_path.text() == str(model)
+    assert str(model) in dock.status.text()

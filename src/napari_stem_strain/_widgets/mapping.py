@@ -73,6 +73,27 @@ def _probe_devices() -> tuple[list[str], str]:
     return have, "torch sees no CUDA GPU: CC-ST-AE runs on the CPU"
 
 
+def fitted_model_path(ds: Any) -> Path:
+    """A new file for a model fitted in the dock: ``<cache>/napari-stem-strain/models/
+    <data name>-<date-time>.pt`` (``$XDG_CACHE_HOME`` or ``~/.cache``), never an existing one."""
+    import os
+    import time
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "napari-stem-strain" / "models"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="stem-strain-fit-"))
+    stem = Path(str(getattr(ds, "source", "") or "data")).stem or "data"
+    base_name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = folder / f"{base_name}.pt", 1
+    while path.exists():
+        i += 1
+        path = folder / f"{base_name}-{i}.pt"
+    return path
+
+
 def dask_address_problem(address: str) -> str | None:
     """Why ``address`` is no Dask address (one line), or ``None``: ``local``, ``local:N`` or
     ``[scheme://]host:port`` with a port number."""
@@ -112,6 +133,7 @@ class MappingWidget(QWidget):
         self.session = get_session(napari_viewer)
         self.task: Task | None = None
         self._held: Any = None  # the dataset the running task reads (see ``session.hold``)
+        self._fitted: Path | None = None  # the model the last run fitted
         self._hidden_for_grid: list[Any] = []
         self._maps_before_grid: dict[Any, bool] = {}
 
@@ -300,21 +322,32 @@ class MappingWidget(QWidget):
                 return None
             _settings().setValue(DASK_KEY, dask_address)
 
+        fit_out = fitted_model_path(ds) if fit_epochs else None
+
         def job(progress: Any, should_stop: Any) -> Any:
             from ..pipeline import run_methods
 
             use_model = model
-            if fit_epochs:
+            if fit_out is not None:
                 from ..methods.ccstae import fit_model
 
-                out = Path(tempfile.mkdtemp(prefix="stem-strain-fit-")) / "model.pt"
-                fitted = fit_model(ds, init="default", epochs=fit_epochs, seed=0, out=out,
+                fitted = fit_model(ds, init="default", epochs=fit_epochs, seed=0, out=fit_out,
                                    progress=progress, should_stop=should_stop,
                                    reference=region, device=device)
-                use_model = fitted if fitted is not None else out
+                use_model = fitted if fitted is not None else fit_out
             return run_methods(ds, methods, reference=region, model=use_model, device=device,
                                progress=progress, should_stop=should_stop,
                                dask_address=dask_address)
+
+        session = self.session
+
+        def done(raw: Any) -> None:
+            session.set_results(raw, dataset=ds)
+            if fit_out is not None and fit_out.is_file():
+                self._fitted = fit_out
+                # offer the fitted model for the next run (no refit)
+                self.model_path.setText(str(fit_out))
+                self.model.setCurrentText(MODEL_FILE)
 
         names = " + ".join(method_label(m) for m in methods)
         self.status.setText(f"running {names} ...")
@@ -322,9 +355,8 @@ class MappingWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.session.hold(ds)
         self._held = ds
-        session = self.session
-        self.task = Task(job, f"Strain mapping ({names})",
-                         on_done=lambda raw: session.set_results(raw, dataset=ds),
+        self._fitted = None
+        self.task = Task(job, f"Strain mapping ({names})", on_done=done,
                          on_end=self._ended, error_prefix="Strain mapping failed: ",
                          viewer=self.viewer)
         return self.task
@@ -342,6 +374,8 @@ class MappingWidget(QWidget):
         self.cancel_button.setEnabled(False)
         text = {"done": "done", "cancelled": "cancelled: no maps were changed",
                 "failed": "failed (see the notification)"}.get(status, status)
+        if status == "done" and self._fitted is not None:
+            text += f"; fitted model saved as {self._fitted} (chosen for the next run)"
         self.status.setText(text)
 
     # ---------------------------------------------------------------- results
