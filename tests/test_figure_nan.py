@@ -29,3 +29,18 @@ def test_png_draws_nan_grey_and_zero_in_its_own_colour(tmp_path):
     assert n_zero > 0.03 * len(flat)
     assert grey.sum() > 0.03 * len(flat), "NaN is not drawn as a neutral grey"
     assert np.all(np.abs(flat[grey].mean(0) - zero) > 0.2)
+
+
+def test_png_rows_name_the_methods(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda self, *a, **k: figures.append(self) or save(self, *a, **k))
+    z = np.zeros((6, 6), np.float32)
+    A = np.broadcast_to(np.eye(2, dtype=np.float32), (6, 6, 2, 2)).copy()
+    m = MethodMaps("ae", StrainMaps(z, z, z, z, A), A, np.ones((6, 6), bool), "0:3,0:3")
+    plot_maps({"ae": m, "py4dstem": m}, tmp_path / "maps.png")
+    labels = [ax.get_ylabel() for ax in figures[0].axes if ax.get_ylabel()]
+    assert labels == ["CC-ST-AE", "py4DSTEM"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..figures import symmetric_limit
+from ..figures import METHOD_LABELS, symmetric_limit
 from ..io.results import MAP_NAMES, MethodMaps
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
 #: Key of the plugin's entry in ``layer.metadata``.
 META_KEY = "stem_strain"
 
-METHOD_LABELS = {"ae": "CC-ST-AE", "py4dstem": "py4DSTEM"}
 #: One colour per method, shared by overlay points, histograms and table.
 METHOD_COLOURS = {"ae": "#ff8c1a", "py4dstem": "#20c8ff"}
 #: (display unit, factor from the file's unit)
