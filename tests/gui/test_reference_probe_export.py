@@ -207,6 +207,14 @@ def test_exports_round_trip(mapped, tmp_path):
     assert len(tifs) == 8
     np.testing.assert_allclose(tifffile.imread(tmp_path / "run1_py4dstem_theta.tif"),
                                session.results["py4dstem"].maps.theta, equal_nan=True)
+    # the scan's pixel size travels with the maps (1 nm here): TIFF resolution in pixels per cm
+    with tifffile.TiffFile(tmp_path / "run1_ae_exx.tif") as tif:
+        page = tif.pages[0]
+        num, den = page.tags["XResolution"].value
+        assert page.tags["ResolutionUnit"].value == 3  # centimetre
+        assert num / den == pytest.approx(1e7)
+        assert tif.shaped_metadata[0]["pixel_size"] == 1.0
+        assert tif.shaped_metadata[0]["pixel_unit"] == "nm"
     png = exp.export("png")
     assert png[0].stat().st_size > 10_000
     # napari's own File > Save Selected Layers with our writer

@@ -41,10 +41,26 @@ def tiff_paths(results: dict[str, Any], folder: Path, base: str) -> list[Path]:
     return [folder / f"{base}_{name}_{comp}.tif" for name in results for comp in MAP_NAMES]
 
 
-def export_tiffs(results: dict[str, Any], folder: Path, base: str) -> list[Path]:
-    """``<base>_<method>_<map>.tif`` float32, fractions (strain) and degrees (theta)."""
+#: centimetres per unit of the scan's pixel size (TIFF resolution is per cm or per inch)
+_CM_PER_UNIT = {"nm": 1e-7, "Å": 1e-8, "A": 1e-8, "angstrom": 1e-8, "pm": 1e-10,
+                "um": 1e-4, "µm": 1e-4, "μm": 1e-4, "mm": 0.1}
+
+
+def export_tiffs(results: dict[str, Any], folder: Path, base: str,
+                 pixel_size: float | None = None, pixel_unit: str | None = None) -> list[Path]:
+    """``<base>_<method>_<map>.tif`` float32, fractions (strain) and degrees (theta). The
+    scan's pixel size is written as the TIFF resolution (pixels per cm, which ImageJ/Fiji and
+    other readers show as a length) and in the JSON metadata."""
     import tifffile
 
+    meta_px: dict[str, Any] = {}
+    kw: dict[str, Any] = {}
+    if pixel_size and pixel_unit:
+        meta_px = {"pixel_size": float(pixel_size), "pixel_unit": str(pixel_unit)}
+        cm = _CM_PER_UNIT.get(str(pixel_unit))
+        if cm:
+            per_cm = 1.0 / (float(pixel_size) * cm)
+            kw = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
     out = []
     for name, m in results.items():
         for comp in MAP_NAMES:
@@ -52,7 +68,7 @@ def export_tiffs(results: dict[str, Any], folder: Path, base: str) -> list[Path]
             tifffile.imwrite(p, np.asarray(getattr(m.maps, comp), np.float32),
                              metadata={"method": name, "map": comp,
                                        "unit": "degree" if comp == "theta" else "fraction",
-                                       "reference": m.reference})
+                                       "reference": m.reference, **meta_px}, **kw)
             out.append(p)
     return out
 
@@ -142,7 +158,7 @@ class ExportWidget(QWidget):
             if kind == "h5":
                 files = export_h5(results, folder / f"{base}.h5")
             elif kind == "tif":
-                files = export_tiffs(results, folder, base)
+                files = export_tiffs(results, folder, base, *self._pixel_size())
             else:
                 files = export_png(results, folder / f"{base}.png", self.session.ground_truth)
         except (OSError, ValueError) as err:
@@ -152,6 +168,13 @@ class ExportWidget(QWidget):
         self.last.setText(f"wrote {len(files)} file(s) to {folder}: {names}")
         notify_info(f"wrote {len(files)} file(s) to {folder}")
         return files
+
+    def _pixel_size(self) -> tuple[float | None, str | None]:
+        """The current scan's pixel size and unit, when the file gives one."""
+        ds = self.session.dataset
+        cal = getattr(ds, "calibration", None)
+        size, unit = getattr(cal, "r_pixel_size", None), getattr(cal, "r_units", None)
+        return (float(size), str(unit)) if size and unit else (None, None)
 
     def _open_sources(self) -> set[Path]:
         """The files of every dataset open in the viewer (never export over one)."""
