@@ -163,11 +163,21 @@ def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None,
            "image")
     bf = (bf_data, {**common, "name": f"{label} BF", "colormap": "gray",
                     "metadata": {"stem_strain": info}}, "image")
-    if background:
-        from qtpy.QtCore import QTimer
+    from qtpy.QtCore import QTimer
 
+    if background:
         QTimer.singleShot(0, lambda: _virtual_in_background(ds))
+    if "units" in common:  # a calibrated scan: show napari's scale bar once the layers are in
+        QTimer.singleShot(0, _show_scale_bar)
     return [adf, bf]
+
+
+def _show_scale_bar() -> None:
+    import napari
+
+    viewer = napari.current_viewer()
+    if viewer is not None:
+        viewer.scale_bar.visible = True
 
 
 def _virtual_in_background(ds: Any) -> Any:

@@ -58,3 +58,11 @@ def test_maps_below_overlays_visible_map_selected_nan_backdrop(make_napari_viewe
     assert not blank.visible
     mapping.grid.setChecked(False)
     assert blank.visible
+
+
+def test_scale_bar_is_shown_for_a_calibrated_scan(make_napari_viewer, open_scan, tiny_sim,
+                                                  qtbot):
+    viewer = make_napari_viewer()
+    assert not viewer.scale_bar.visible
+    open_scan(viewer, tiny_sim)
+    qtbot.waitUntil(lambda: viewer.scale_bar.visible, timeout=2000)
