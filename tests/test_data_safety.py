@@ -113,3 +113,15 @@ def test_dectris_master_never_reads_a_data_file_from_the_working_directory(tmp_p
     _arina(tmp_path / "acq1", value=1)
     with open_dataset(master) as ds:
         assert ds.shape == (4, 4, 12, 12) and ds.read_rows(0, 4).max() == 1
+
+
+def test_map_help_states_every_default(capsys):
+    from napari_stem_strain.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    mp = sub.choices["map"]
+    for action in mp._actions:
+        if not action.option_strings or action.dest in ("help", "out"):
+            continue
+        assert action.help and "default" in action.help.lower(), action.option_strings
