@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .io.errors import DataError
+from .io.results import ResultFileError
 
 __all__ = ["napari_get_reader", "read_4dstem", "dataset_layers", "open_interactively",
            "ask_dataset", "ask_scan_shape"]
@@ -228,13 +229,15 @@ def read_4dstem(path: str | list[str]) -> list[LayerData]:
     if isinstance(path, list | tuple):
         path = path[0]
     try:
+        if _is_result_file(str(path)):
+            return result_layers(str(path))
         ds = open_interactively(str(path))
         if ds is None:
             return [(None,)]
         from .io.ground_truth import read_ground_truth
 
         return dataset_layers(ds, read_ground_truth(path))
-    except DataError as err:
+    except (DataError, ResultFileError) as err:
         log.info("%s", err)
         show_error(short_message(str(err), path))
     except Exception as err:  # noqa: BLE001 - any failure is a notification, not a traceback
@@ -242,6 +245,45 @@ def read_4dstem(path: str | list[str]) -> list[LayerData]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         show_error(f"{Path(path).name}: cannot be read ({first})")
     return [(None,)]
+
+
+def _is_result_file(path: str) -> bool:
+    """A result file of this project (``io.results``: method groups with maps), not data."""
+    if not path.lower().endswith((".h5", ".hdf5", ".hdf")):
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            if str(h5.attrs.get("layout", "")).startswith("napari-stem-strain results"):
+                return True
+            return any(isinstance(g, h5py.Group) and "exx" in g and "A" in g
+                       for g in h5.values())
+    except (OSError, ValueError):
+        return False
+
+
+def result_layers(path: str) -> list[LayerData]:
+    """A result file's maps as image layers (percent and degrees, the strain colormap,
+    limits symmetric about zero, one shared limit per component)."""
+    from ._widgets._layers import META_KEY, display_values, map_layer_name, strain_colormap
+    from .figures import symmetric_limit
+    from .io.results import MAP_NAMES, read_results
+
+    results = read_results(path)
+    lims = {c: symmetric_limit(*(display_values(m, c) for m in results.values()))
+            for c in MAP_NAMES}
+    out: list[LayerData] = []
+    for method, m in results.items():
+        for comp in MAP_NAMES:
+            out.append((display_values(m, comp), {
+                "name": map_layer_name(method, comp), "colormap": strain_colormap(),
+                "contrast_limits": (-lims[comp], lims[comp]), "interpolation2d": "nearest",
+                "visible": not out,
+                "metadata": {META_KEY: {"role": "result", "method": method,
+                                        "component": comp, "maps": m, "source": path}}},
+                "image"))
+    return out
 
 
 def short_message(message: str, path: Any) -> str:

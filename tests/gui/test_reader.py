@@ -172,3 +172,28 @@ def test_removing_the_layers_of_a_file_closes_it(tmp_path, make_napari_viewer):
         ds.read_rows(0, 1)
     with h5py.File(path, "a") as f:  # nothing holds the file any more
         assert f["data"].shape == (4, 5, 16, 16)
+
+
+def test_result_file_opens_as_its_maps(make_napari_viewer, tmp_path, errors):
+    """A result file written by the plugin or ``stem-strain map`` opens as its maps (it was
+    refused: "holds no 4D-STEM data ... shape (48, 48, 2, 2)")."""
+    from napari_stem_strain._widgets._layers import map_layer_name
+    from napari_stem_strain.io.results import MethodMaps, write_results
+    from napari_stem_strain.strain import strain_maps
+
+    rng = np.random.default_rng(0)
+    A = np.eye(2) + 0.01 * rng.normal(size=(6, 7, 2, 2))
+    sample = np.ones((6, 7), bool)
+    sample[0, :] = False
+    maps = strain_maps(A, "2:5,2:5", 60.0, mask=sample)
+    path = tmp_path / "result.h5"
+    write_results(path, [MethodMaps("py4dstem", maps, A, sample, "2:5,2:5", 60.0)])
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin=PLUGIN)
+    assert errors() == []
+    names = [layer.name for layer in viewer.layers]
+    assert names == [map_layer_name("py4dstem", c) for c in ("exx", "eyy", "exy", "theta")]
+    exx = viewer.layers[map_layer_name("py4dstem", "exx")]
+    np.testing.assert_allclose(exx.data, maps.exx * 100, rtol=1e-5, equal_nan=True)
+    assert np.isnan(exx.data[0]).all()
+    assert exx.contrast_limits[0] == -exx.contrast_limits[1]
