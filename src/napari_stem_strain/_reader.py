@@ -257,8 +257,11 @@ def _is_result_file(path: str) -> bool:
         with h5py.File(path, "r") as h5:
             if str(h5.attrs.get("layout", "")).startswith("napari-stem-strain results"):
                 return True
-            return any(isinstance(g, h5py.Group) and "exx" in g and "A" in g
-                       for g in h5.values())
+            # older result files without the layout attribute: method groups only (a
+            # simulated data file also holds maps, in /ground_truth, beside its 4D data)
+            groups = [k for k, g in h5.items() if isinstance(g, h5py.Group)
+                      and "exx" in g and "A" in g and k != "ground_truth"]
+            return bool(groups) and all(isinstance(h5[k], h5py.Group) for k in h5)
     except (OSError, ValueError):
         return False
 
