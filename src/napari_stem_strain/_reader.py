@@ -178,7 +178,15 @@ def _show_scale_bar() -> None:
 
     viewer = napari.current_viewer()
     if viewer is not None:
-        viewer.scale_bar.visible = True
+        scale_bar(viewer).visible = True
+
+
+def scale_bar(viewer: Any) -> Any:
+    """napari's scale bar overlay (``viewer.canvas.overlays`` since 0.9, ``viewer.scale_bar``
+    before)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    bar = getattr(overlays, "scale_bar", None) if overlays is not None else None
+    return bar if bar is not None else viewer.scale_bar
 
 
 def _virtual_in_background(ds: Any) -> Any:

@@ -62,7 +62,9 @@ def test_maps_below_overlays_visible_map_selected_nan_backdrop(make_napari_viewe
 
 def test_scale_bar_is_shown_for_a_calibrated_scan(make_napari_viewer, open_scan, tiny_sim,
                                                   qtbot):
+    from napari_stem_strain._reader import scale_bar
+
     viewer = make_napari_viewer()
-    assert not viewer.scale_bar.visible
+    assert not scale_bar(viewer).visible
     open_scan(viewer, tiny_sim)
-    qtbot.waitUntil(lambda: viewer.scale_bar.visible, timeout=2000)
+    qtbot.waitUntil(lambda: scale_bar(viewer).visible, timeout=2000)

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
 
 from ..io.results import MAP_NAMES
 from . import _dialogs
+from ._scroll import make_scrollable
 from ._session import get_session
 from ._workers import notify_error, notify_info
 
@@ -113,6 +114,7 @@ class ExportWidget(QWidget):
         lay.addLayout(brow)
         lay.addWidget(self.last)
         lay.addStretch(1)
+        make_scrollable(self)
         self.session.dataset_changed.connect(self._default_base)
         self._default_base()
 

@@ -42,6 +42,7 @@ from ._layers import (
     method_label,
     sync_backdrop,
 )
+from ._scroll import make_scrollable
 from ._session import get_session
 from ._workers import Task, notify_error
 
@@ -196,7 +197,9 @@ class MappingWidget(QWidget):
         self.status.setWordWrap(True)
 
         # -- results -----------------------------------------------------------------
-        self.grid = QCheckBox("Compare side by side (grid: one row per method)")
+        self.grid = QCheckBox("Compare side by side")
+        self.grid.setToolTip("napari's grid: one row per method, columns exx, eyy, exy, theta; "
+                             "only the maps are shown meanwhile")
         self.grid.toggled.connect(self.set_grid)
         self.tabs = QTabWidget()
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -223,10 +226,15 @@ class MappingWidget(QWidget):
 
         lay = QVBoxLayout(self)
         lay.addWidget(run_box)
-        lay.addLayout(brow)
-        lay.addWidget(self.status)
         lay.addWidget(self.grid)
         lay.addWidget(self.tabs, 1)
+        # Run / Cancel and the status stay in view below the scrolling part
+        footer = QWidget()
+        flay = QVBoxLayout(footer)
+        flay.setContentsMargins(9, 0, 9, 6)
+        flay.addLayout(brow)
+        flay.addWidget(self.status)
+        make_scrollable(self, footer=footer)
 
         self._model_changed(self.model.currentText())
         self.session.results_changed.connect(self.update_results)

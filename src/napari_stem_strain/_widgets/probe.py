@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from .. import overlay
 from ._layers import META_KEY, method_colour, method_label
+from ._scroll import make_scrollable
 from ._session import get_session
 
 __all__ = ["ProbeInspector", "PROBE_LAYER"]
@@ -78,7 +79,8 @@ class ProbeInspector(QWidget):
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumSize(160, 160)
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.ax = self.figure.add_axes((0.0, 0.0, 1.0, 1.0))
+        # the top strip holds the methods' legend, never over the disks
+        self.ax = self.figure.add_axes((0.0, 0.0, 1.0, 0.9))
         self.ax.set_axis_off()
 
         self.numbers = QLabel("click on the scan image to inspect a probe position")
@@ -102,6 +104,7 @@ class ProbeInspector(QWidget):
         lay.addLayout(top)
         lay.addLayout(top2)
         lay.addWidget(split, 1)
+        make_scrollable(self)
 
         self.session.probe_changed.connect(self._on_probe)
         self.session.results_changed.connect(self.update_view)
@@ -264,7 +267,9 @@ class ProbeInspector(QWidget):
                 handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=col,
                                       label=method_label(name)))
             if handles:
-                ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.6)
+                ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                          ncol=len(handles), fontsize=7, frameon=False, labelcolor="#e0e0e0",
+                          borderaxespad=0.2, handletextpad=0.3, columnspacing=1.0)
         h, w = self.pattern.shape
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)

@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..strain import parse_region
+from ._scroll import make_scrollable
 from ._session import BACKGROUND, SAMPLE, get_session
 from ._workers import notify_error
 
@@ -39,6 +40,7 @@ class ReferenceWidget(QWidget):
 
         ref_box = QGroupBox("Reference region (strain = 0 here)")
         self.region_label = QLabel("open a 4D-STEM file first")
+        self.region_label.setWordWrap(True)
         self.region_edit = QLineEdit()
         self.region_edit.setPlaceholderText("r0:r1,c0:c1")
         self.region_edit.setToolTip("Rows r0..r1-1 and columns c0..c1-1 of the scan; Enter "
@@ -74,12 +76,14 @@ class ReferenceWidget(QWidget):
         mlay.addLayout(r1)
         mlay.addLayout(r2)
         self.mask_label = QLabel("")
+        self.mask_label.setWordWrap(True)  # a long count must not widen the dock
         mlay.addWidget(self.mask_label)
 
         outer = QVBoxLayout(self)
         outer.addWidget(ref_box)
         outer.addWidget(mask_box)
         outer.addStretch(1)
+        make_scrollable(self)
 
         self.session.reference_changed.connect(self._show_region)
         self.session.dataset_changed.connect(self._update)
