@@ -101,12 +101,35 @@ def open_interactively(path: str) -> Any | None:
         except DataError as err:
             msg = str(err)
             if scan_shape is None and _needs_scan_shape(msg):
-                scan_shape = ask_scan_shape(str(path), _frame_count(msg), msg)
+                scan_shape = ask_scan_shape(str(path), _frame_count(msg),
+                                            for_people(short_message(msg, path)))
                 if scan_shape is None:
                     return None
                 continue
             raise
     raise DataError(f"{path}: could not be opened with the answers given")
+
+
+#: last path parts that name no particular array (the part above tells arrays apart)
+_GENERIC_PARTS = {"data", "datacube", "array", "signal", "dataset"}
+
+
+def array_label(name: str) -> str:
+    """A short name for an array of a file: its last path part, or the one above when that
+    is generic (two depths of a Prismatic file are ``.../CBED_array_depth0000/datacube`` and
+    ``.../CBED_array_depth0001/datacube``)."""
+    parts = [p for p in name.strip("/").split("/") if p]
+    while len(parts) > 1 and parts[-1].lower() in _GENERIC_PARTS:
+        parts.pop()
+    return parts[-1] if parts else name
+
+
+def for_people(message: str) -> str:
+    """A reader message without the Python API's and the command line's hints
+    (``give scan_shape=(Rx, Ry) (--scan-shape RX RY)``): the plugin asks instead."""
+    message = re.sub(r"[:;,]?\s*(or\s+)?give scan_shape=\(Rx, Ry\)(\s*\(--scan-shape RX RY\))?",
+                     "", message)
+    return message.strip()
 
 
 def _units_ok(units: str | None) -> bool:
@@ -155,7 +178,7 @@ def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None,
     if label is None:
         label = Path(ds.source).stem if ds.source else (ds.name or "4D-STEM")
         if ds.metadata.get("chosen_by_user") and ds.name:
-            label = f"{label} {ds.name.rstrip('/').split('/')[-1] or ds.name}"
+            label = f"{label} {array_label(ds.name)}"
     info = {"role": "navigation", "dataset": ds, "virtual": vi, "ground_truth": ground_truth,
             "source": str(ds.source or "")}
     adf = (df_data, {**common, "name": f"{label} ADF", "colormap": "gray", "visible": False,
@@ -247,7 +270,7 @@ def read_4dstem(path: str | list[str]) -> list[LayerData]:
         return dataset_layers(ds, read_ground_truth(path))
     except (DataError, ResultFileError) as err:
         log.info("%s", err)
-        show_error(short_message(str(err), path))
+        show_error(for_people(short_message(str(err), path)))
     except Exception as err:  # noqa: BLE001 - any failure is a notification, not a traceback
         log.exception("reading %s failed", path)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

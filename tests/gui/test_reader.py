@@ -65,6 +65,14 @@ def test_file_with_two_4d_arrays_asks_which(formats, make_napari_viewer, monkeyp
     assert len(asked["names"]) == 2
     ds = _nav(viewer).metadata["stem_strain"]["dataset"]
     assert ds.name == asked["names"][1] and ds.scan_shape == (11, 11)
+    # the other array of the same file opens under another name
+    monkeypatch.setattr(_reader, "ask_dataset", lambda path, names: names[0])
+    viewer.open(str(formats / "Si100_4D.emd"), plugin=PLUGIN)
+    names = [layer.name for layer in viewer.layers]
+    assert len(set(names)) == len(names) == 4, names
+    # ... named after what tells the arrays apart, not "datacube" and napari's "[1]"
+    for depth in ("depth0000", "depth0001"):
+        assert sum(depth in n for n in names) == 2, names
 
 
 def test_3d_stack_asks_scan_shape(formats, make_napari_viewer, monkeypatch):
@@ -72,6 +80,7 @@ def test_3d_stack_asks_scan_shape(formats, make_napari_viewer, monkeypatch):
 
     def shape(path, n_frames, message=""):
         asked["n"] = n_frames
+        asked["message"] = message
         return (6, 11)
 
     monkeypatch.setattr(_reader, "ask_scan_shape", shape)
@@ -79,6 +88,8 @@ def test_3d_stack_asks_scan_shape(formats, make_napari_viewer, monkeypatch):
     viewer.open(str(formats / "dmTest_3D_int16_64,65,66.dm4"), plugin=PLUGIN)
     assert asked["n"] == 66
     assert _nav(viewer).data.shape == (6, 11)
+    # the question speaks to a person, not in the Python API's or the CLI's terms
+    assert "scan_shape=" not in asked["message"] and "--scan-shape" not in asked["message"]
 
 
 def test_cancelled_question_opens_nothing_quietly(formats, make_napari_viewer, monkeypatch,

@@ -350,12 +350,14 @@ class MappingWidget(QWidget):
         session = self.session
 
         def done(raw: Any) -> None:
-            session.set_results(raw, dataset=ds)
+            # before showing the maps: showing them processes Qt events, which may deliver
+            # the run's end (``_ended``) meanwhile
             if fit_out is not None and fit_out.is_file():
                 self._fitted = fit_out
                 # offer the fitted model for the next run (no refit)
                 self.model_path.setText(str(fit_out))
                 self.model.setCurrentText(MODEL_FILE)
+            session.set_results(raw, dataset=ds)
 
         names = " + ".join(method_label(m) for m in methods)
         self.status.setText(f"running {names} ...")
