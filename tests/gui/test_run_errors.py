@@ -114,3 +114,15 @@ def test_model_fitted_in_the_dock_is_kept_where_the_user_can_find_it(dock, wait_
     assert dock.model.currentText() == MODEL_FILE
     assert dock.model_path.text() == str(model)
     assert str(model) in dock.status.text()
+
+
+def test_progress_shows_the_total_at_once(dock, qtbot, wait_task, toy_methods):
+    """The bar has its total and a 'preparing' line before the first block is done (CC-ST-AE
+    loads its model for seconds first: the bar showed nothing meanwhile)."""
+    toy_methods["delay"] = 0.5
+    task = dock.run()
+    qtbot.waitUntil(lambda: task.pbar.total > 0, timeout=10_000)
+    assert task.pbar.n == 0
+    assert "preparing" in task.pbar.desc
+    dock.cancel()
+    wait_task(task)

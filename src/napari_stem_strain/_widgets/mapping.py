@@ -332,9 +332,13 @@ class MappingWidget(QWidget):
 
         fit_out = fitted_model_path(ds) if fit_epochs else None
 
+        n_total = len(methods) * int(np.prod(ds.scan_shape))
+
         def job(progress: Any, should_stop: Any) -> Any:
             from ..pipeline import run_methods
 
+            # the bar shows its total at once (loading a model takes seconds before any block)
+            progress(0, n_total, "preparing (loading the model, locating the direct beam)")
             use_model = model
             if fit_out is not None:
                 from ..methods.ccstae import fit_model
