@@ -253,7 +253,7 @@ class ProbeInspector(QWidget):
             from matplotlib.collections import EllipseCollection
             from matplotlib.lines import Line2D
 
-            radius = self.lattice.radius if self.lattice is not None else 3.0
+            radius = self.lattice.disk_radius if self.lattice is not None else 3.0
             handles = []
             for i, (name, pts) in enumerate(self.overlay.items()):
                 # rings in detector pixels (they scale with the image), one size per method,
