@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from napari_stem_strain._widgets import (
     ExportWidget,
     MappingWidget,
@@ -46,3 +48,21 @@ def test_probe_legend_does_not_cover_the_pattern(make_napari_viewer, open_scan, 
     for legend in legends:
         box = legend.get_window_extent(renderer)
         assert box.y0 >= image.y1 - 1, "the legend sits on the pattern"
+
+
+def test_probe_inspector_states_the_diffraction_calibration(make_napari_viewer, open_scan,
+                                                            tiny_sim, toy_methods, wait_task):
+    from napari_stem_strain._widgets._session import get_session
+
+    viewer = make_napari_viewer()
+    open_scan(viewer, tiny_sim)
+    mapping, probe = MappingWidget(viewer), ProbeInspector(viewer)
+    for w in (mapping, probe):
+        viewer.window.add_dock_widget(w)
+    wait_task(mapping.run())
+    probe.update_view()
+    cal = get_session(viewer).dataset.calibration
+    text = probe.numbers.text()
+    assert f"{cal.q_pixel_size:.4g} 1/nm per pixel" in text
+    g = min(np.linalg.norm(probe.lattice.g1), np.linalg.norm(probe.lattice.g2))
+    assert f"{g * cal.q_pixel_size:.3g} 1/nm" in text

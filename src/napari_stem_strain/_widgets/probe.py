@@ -275,6 +275,20 @@ class ProbeInspector(QWidget):
         ax.set_ylim(h - 0.5, -0.5)
         self.canvas.draw_idle()
 
+    def _calibration_line(self) -> str:
+        """Diffraction-space calibration of the file, and the reference lattice in it."""
+        cal = getattr(self.session.dataset, "calibration", None)
+        q, unit = getattr(cal, "q_pixel_size", None), getattr(cal, "q_units", None)
+        if not q or not unit:
+            return "<i>detector: no diffraction calibration in the file (pixels)</i>"
+        text = f"<b>detector</b>: {q:.4g} {unit} per pixel"
+        if self.lattice is not None:
+            g = min(np.linalg.norm(self.lattice.g1), np.linalg.norm(self.lattice.g2)) * q
+            text += f"; shortest reference g = {g:.3g} {unit}"
+            if unit in ("1/nm", "nm^-1", "1/Å", "1/A"):
+                text += f" (d = {1.0 / g:.3g} {unit.replace('1/', '')})"
+        return text
+
     def _numbers_html(self, r: int, c: int) -> str:
         mask = self.session.sample_mask()
         lines = [f"<b>probe</b> row {r}, column {c}"]
@@ -300,6 +314,9 @@ class ProbeInspector(QWidget):
             lines.append(f"<b>ground truth</b>: exx {100 * gt.exx[r, c]:+.2f} %, eyy "
                          f"{100 * gt.eyy[r, c]:+.2f} %, exy {100 * gt.exy[r, c]:+.2f} %, "
                          f"&theta; {gt.theta[r, c]:+.2f}&deg;")
+        cal_line = self._calibration_line()
+        if cal_line:
+            lines.append(cal_line)
         if self.session.results and self.lattice is None and self._lattice_error:
             lines.append(f"<i>no overlay: {self._lattice_error}</i>")
         if mask is not None and not self.session.results:
