@@ -227,13 +227,14 @@ def _virtual_in_background(ds: Any) -> Any:
                 viewer=napari.current_viewer())
 
 
-def _fill_virtual(ds: Any, vi: Any) -> None:
-    """Put finished virtual images into every layer of ``ds`` and refresh the mask/reference."""
+def _fill_virtual(ds: Any, vi: Any, viewer: Any = None, reset_reference: bool = True) -> None:
+    """Put finished virtual images into every layer of ``ds`` and refresh the mask (and, with
+    ``reset_reference``, the default reference rectangle)."""
     import napari
 
     from ._widgets._session import _SESSIONS
 
-    viewer = napari.current_viewer()
+    viewer = viewer if viewer is not None else napari.current_viewer()
     if viewer is None:
         return
     for layer in viewer.layers:
@@ -250,7 +251,8 @@ def _fill_virtual(ds: Any, vi: Any) -> None:
     session = _SESSIONS.get(viewer)
     if session is not None and session.dataset is ds:
         session.fill_mask("virtual")
-        session.set_reference_region(session.default_region())
+        if reset_reference:
+            session.set_reference_region(session.default_region())
 
 
 def read_4dstem(path: str | list[str]) -> list[LayerData]:

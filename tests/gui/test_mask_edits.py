@@ -91,3 +91,26 @@ def test_mae_uses_the_users_reference_and_mask(docks, toy_methods, wait_task):
         session.results, gt.relative_to("6:9,6:9", session.sample_mask()))
     assert mapping.mae() == expected
     assert mapping.mae() != compare_to_truth(session.results, gt)
+
+
+def test_virtual_detector_radii_can_be_set(docks, wait_task):
+    viewer, _, ref = docks
+    session = get_session(viewer)
+    nav = session.nav_layer()
+    before = np.array(nav.data, copy=True)
+    auto = session.info()["virtual"]
+    assert "in use: BF radius" in ref.virtual_label.text()
+    ref.bf_radius.setValue(1.0)
+    ref.adf_inner.setValue(6.0)
+    ref.adf_outer.setValue(12.0)
+    task = ref.recompute_virtual()
+    wait_task(task)
+    assert task.status == "done"
+    vi = session.info()["virtual"]
+    assert (vi.bf_radius, vi.adf_inner, vi.adf_outer) == (1.0, 6.0, 12.0)
+    assert vi.bf_radius != auto.bf_radius
+    assert not np.allclose(nav.data, before)
+    assert "BF radius 1.0, ADF 6.0 to 12.0 px" in ref.virtual_label.text()
+    # an annulus turned inside out is refused before any work
+    ref.adf_outer.setValue(3.0)
+    assert ref.recompute_virtual() is None
