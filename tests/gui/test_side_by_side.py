@@ -32,9 +32,14 @@ def test_grid_shares_limits_and_restores_visibility(make_napari_viewer, open_sca
         py = viewer.layers[map_layer_name("py4dstem", comp)]
         assert tuple(ae.contrast_limits) == tuple(py.contrast_limits), comp
 
+    maps = [viewer.layers[map_layer_name(m, c)] for m in ("ae", "py4dstem") for c in MAP_NAMES]
+    # every map carries its colour bar (drawn while the map is shown)
+    assert all(layer.colorbar.visible for layer in maps)
     shown = {layer.name: layer.visible for layer in viewer.layers}
     w.grid.setChecked(True)
-    assert all(viewer.layers[map_layer_name(m, c)].visible
-               for m in ("ae", "py4dstem") for c in MAP_NAMES)
+    assert all(layer.visible for layer in maps)
+    # each tile says what it is
+    assert all(layer.name_overlay.visible for layer in maps)
     w.grid.setChecked(False)
     assert {layer.name: layer.visible for layer in viewer.layers} == shown
+    assert not any(layer.name_overlay.visible for layer in maps)

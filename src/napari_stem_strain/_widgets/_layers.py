@@ -103,6 +103,7 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
                                          **(geometry or {}), metadata={META_KEY: meta},
                                          interpolation2d="nearest", visible=False)
                 created, user = True, False
+                _show_colorbar(layer)
             if user:  # limits the user chose stay (re-referencing or masking keeps them)
                 kept = tuple(layer.contrast_limits)
                 lo, hi = min(-lim, kept[0]), max(lim, kept[1])
@@ -122,6 +123,22 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
     if layers:
         _backdrop(viewer, layers, geometry)
     return layers
+
+
+def _show_colorbar(layer: Any) -> None:
+    """napari's colour bar of the layer (napari 0.6+; drawn while the layer is shown)."""
+    bar = getattr(layer, "colorbar", None)
+    if bar is not None:
+        bar.visible = True
+
+
+def show_tile_names(viewer: Any, on: bool) -> None:
+    """Each map's name on its tile of the side-by-side grid (napari's layer-name overlay)."""
+    for layer in viewer.layers:
+        if _role(layer) == "map":
+            overlay = getattr(layer, "name_overlay", None)
+            if overlay is not None:
+                overlay.visible = on
 
 
 #: roles of the plugin's overlays, kept above the maps (rectangle, mask, probe cross)

@@ -40,6 +40,7 @@ from ._layers import (
     display_values,
     method_colour,
     method_label,
+    show_tile_names,
     sync_backdrop,
 )
 from ._scroll import make_scrollable
@@ -475,11 +476,13 @@ class MappingWidget(QWidget):
             grid = _grid(viewer)
             grid.shape = (n_methods, len(MAP_NAMES))
             grid.enabled = True
+            show_tile_names(viewer, True)
             sync_backdrop(viewer)  # the blank backdrop would be a tile of its own
             viewer.reset_view()  # every tile whole, not a zoomed fragment
         else:
             was_grid = _grid(viewer).enabled
             _grid(viewer).enabled = False
+            show_tile_names(viewer, False)
             for layer, visible in self._maps_before_grid.items():
                 if layer in viewer.layers:
                     layer.visible = visible
