@@ -52,3 +52,26 @@ def test_closing_the_viewer_stops_its_workers_without_events(make_napari_viewer,
     assert task not in running_tasks()
     assert task.status == "cancelled"
     assert w._held is None  # the dataset was released (and, its layers gone, closed)
+
+
+def test_end_of_a_run_comes_after_its_result_even_if_showing_it_processes_events(qtbot):
+    """Showing results adds layers, and napari processes Qt events meanwhile (its progress
+    bar does): the run's end must still be handled after its result, not in the middle."""
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    from napari_stem_strain._widgets._workers import Task
+
+    order = []
+
+    def on_done(result):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.3:  # long enough for the queued 'finished' to arrive
+            QApplication.processEvents()
+        order.append(("done", result))
+
+    task = Task(lambda progress, should_stop: 42, "toy", on_done=on_done,
+                on_end=lambda status: order.append(("end", status)))
+    qtbot.waitUntil(lambda: task not in running_tasks(), timeout=5000)
+    assert order == [("done", 42), ("end", "done")]

@@ -161,6 +161,8 @@ class Task:
         self._error_prefix = error_prefix
         self._stop = threading.Event()
         self._detached = False
+        self._showing = False  # inside on_done (see _on_returned)
+        self._finish_pending = False
         viewer = _unwrap(viewer) if viewer is not None else None
         self._viewer_ref = weakref.ref(viewer) if viewer is not None else None
         if viewer is not None:
@@ -258,17 +260,27 @@ class Task:
             self.status = "cancelled"
             return
         self.status = "done"
-        # a finished run is complete: fill the bar even if the last queued progress signal has
-        # not been delivered yet (signals from the worker thread are not ordered with this one)
-        if self.pbar.total and self.pbar.n < self.pbar.total:
-            self.pbar.update(self.pbar.total - self.pbar.n)
-        if self._on_done is not None:
-            try:
-                self._on_done(result)
-            except Exception as err:  # noqa: BLE001 - shown to the user, never a traceback
-                log.exception("showing the result of %s failed", self.description)
-                self.status = "failed"
-                notify_error(f"{self._error_prefix}{err}")
+        # napari's progress bar and new layers process Qt events, which may deliver the
+        # queued 'finished' meanwhile: its handling waits until the result is shown
+        self._showing = True
+        try:
+            # a finished run is complete: fill the bar even if the last queued progress signal
+            # has not been delivered yet (signals from the worker thread are not ordered with
+            # this one)
+            if self.pbar.total and self.pbar.n < self.pbar.total:
+                self.pbar.update(self.pbar.total - self.pbar.n)
+            if self._on_done is not None:
+                try:
+                    self._on_done(result)
+                except Exception as err:  # noqa: BLE001 - shown to the user, no traceback
+                    log.exception("showing the result of %s failed", self.description)
+                    self.status = "failed"
+                    notify_error(f"{self._error_prefix}{err}")
+        finally:
+            self._showing = False
+        if self._finish_pending:
+            self._finish_pending = False
+            self._on_finished()
 
     def _on_errored(self, exc: BaseException) -> None:
         if self._detached:
@@ -286,6 +298,9 @@ class Task:
 
     def _on_finished(self) -> None:
         if self._detached:
+            return
+        if self._showing:  # delivered while the result is being shown: end after it
+            self._finish_pending = True
             return
         if self.status == "running":  # aborted by napari before returning
             self.status = "cancelled"
