@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .io.errors import DataError
+from .io.results import ResultFileError
 
 __all__ = ["napari_get_reader", "read_4dstem", "dataset_layers", "open_interactively",
            "ask_dataset", "ask_scan_shape"]
@@ -100,12 +101,35 @@ def open_interactively(path: str) -> Any | None:
         except DataError as err:
             msg = str(err)
             if scan_shape is None and _needs_scan_shape(msg):
-                scan_shape = ask_scan_shape(str(path), _frame_count(msg), msg)
+                scan_shape = ask_scan_shape(str(path), _frame_count(msg),
+                                            for_people(short_message(msg, path)))
                 if scan_shape is None:
                     return None
                 continue
             raise
     raise DataError(f"{path}: could not be opened with the answers given")
+
+
+#: last path parts that name no particular array (the part above tells arrays apart)
+_GENERIC_PARTS = {"data", "datacube", "array", "signal", "dataset"}
+
+
+def array_label(name: str) -> str:
+    """A short name for an array of a file: its last path part, or the one above when that
+    is generic (two depths of a Prismatic file are ``.../CBED_array_depth0000/datacube`` and
+    ``.../CBED_array_depth0001/datacube``)."""
+    parts = [p for p in name.strip("/").split("/") if p]
+    while len(parts) > 1 and parts[-1].lower() in _GENERIC_PARTS:
+        parts.pop()
+    return parts[-1] if parts else name
+
+
+def for_people(message: str) -> str:
+    """A reader message without the Python API's and the command line's hints
+    (``give scan_shape=(Rx, Ry) (--scan-shape RX RY)``): the plugin asks instead."""
+    message = re.sub(r"[:;,]?\s*(or\s+)?give scan_shape=\(Rx, Ry\)(\s*\(--scan-shape RX RY\))?",
+                     "", message)
+    return message.strip()
 
 
 def _units_ok(units: str | None) -> bool:
@@ -154,7 +178,7 @@ def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None,
     if label is None:
         label = Path(ds.source).stem if ds.source else (ds.name or "4D-STEM")
         if ds.metadata.get("chosen_by_user") and ds.name:
-            label = f"{label} {ds.name.rstrip('/').split('/')[-1] or ds.name}"
+            label = f"{label} {array_label(ds.name)}"
     info = {"role": "navigation", "dataset": ds, "virtual": vi, "ground_truth": ground_truth,
             "source": str(ds.source or "")}
     adf = (df_data, {**common, "name": f"{label} ADF", "colormap": "gray", "visible": False,
@@ -163,11 +187,29 @@ def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None,
            "image")
     bf = (bf_data, {**common, "name": f"{label} BF", "colormap": "gray",
                     "metadata": {"stem_strain": info}}, "image")
-    if background:
-        from qtpy.QtCore import QTimer
+    from qtpy.QtCore import QTimer
 
+    if background:
         QTimer.singleShot(0, lambda: _virtual_in_background(ds))
+    if "units" in common:  # a calibrated scan: show napari's scale bar once the layers are in
+        QTimer.singleShot(0, _show_scale_bar)
     return [adf, bf]
+
+
+def _show_scale_bar() -> None:
+    import napari
+
+    viewer = napari.current_viewer()
+    if viewer is not None:
+        scale_bar(viewer).visible = True
+
+
+def scale_bar(viewer: Any) -> Any:
+    """napari's scale bar overlay (``viewer.canvas.overlays`` since 0.9, ``viewer.scale_bar``
+    before)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    bar = getattr(overlays, "scale_bar", None) if overlays is not None else None
+    return bar if bar is not None else viewer.scale_bar
 
 
 def _virtual_in_background(ds: Any) -> Any:
@@ -178,17 +220,21 @@ def _virtual_in_background(ds: Any) -> Any:
     def job(progress: Any, should_stop: Any) -> Any:
         return virtual_images(ds, progress=progress, should_stop=should_stop)
 
+    import napari
+
     return Task(job, "Virtual images", on_done=lambda vi: _fill_virtual(ds, vi),
-                error_prefix=f"{ds.source}: virtual images failed: ")
+                error_prefix=f"{Path(str(ds.source or 'data')).name}: virtual images failed: ",
+                viewer=napari.current_viewer())
 
 
-def _fill_virtual(ds: Any, vi: Any) -> None:
-    """Put finished virtual images into every layer of ``ds`` and refresh the mask/reference."""
+def _fill_virtual(ds: Any, vi: Any, viewer: Any = None, reset_reference: bool = True) -> None:
+    """Put finished virtual images into every layer of ``ds`` and refresh the mask (and, with
+    ``reset_reference``, the default reference rectangle)."""
     import napari
 
     from ._widgets._session import _SESSIONS
 
-    viewer = napari.current_viewer()
+    viewer = viewer if viewer is not None else napari.current_viewer()
     if viewer is None:
         return
     for layer in viewer.layers:
@@ -205,7 +251,8 @@ def _fill_virtual(ds: Any, vi: Any) -> None:
     session = _SESSIONS.get(viewer)
     if session is not None and session.dataset is ds:
         session.fill_mask("virtual")
-        session.set_reference_region(session.default_region())
+        if reset_reference:
+            session.set_reference_region(session.default_region())
 
 
 def read_4dstem(path: str | list[str]) -> list[LayerData]:
@@ -215,16 +262,70 @@ def read_4dstem(path: str | list[str]) -> list[LayerData]:
     if isinstance(path, list | tuple):
         path = path[0]
     try:
+        if _is_result_file(str(path)):
+            return result_layers(str(path))
         ds = open_interactively(str(path))
         if ds is None:
             return [(None,)]
         from .io.ground_truth import read_ground_truth
 
         return dataset_layers(ds, read_ground_truth(path))
-    except DataError as err:
-        show_error(str(err))
+    except (DataError, ResultFileError) as err:
+        log.info("%s", err)
+        show_error(for_people(short_message(str(err), path)))
     except Exception as err:  # noqa: BLE001 - any failure is a notification, not a traceback
         log.exception("reading %s failed", path)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        show_error(f"{path}: cannot be read ({first})")
+        show_error(f"{Path(path).name}: cannot be read ({first})")
     return [(None,)]
+
+
+def _is_result_file(path: str) -> bool:
+    """A result file of this project (``io.results``: method groups with maps), not data."""
+    if not path.lower().endswith((".h5", ".hdf5", ".hdf")):
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            if str(h5.attrs.get("layout", "")).startswith("napari-stem-strain results"):
+                return True
+            # older result files without the layout attribute: method groups only (a
+            # simulated data file also holds maps, in /ground_truth, beside its 4D data)
+            groups = [k for k, g in h5.items() if isinstance(g, h5py.Group)
+                      and "exx" in g and "A" in g and k != "ground_truth"]
+            return bool(groups) and all(isinstance(h5[k], h5py.Group) for k in h5)
+    except (OSError, ValueError):
+        return False
+
+
+def result_layers(path: str) -> list[LayerData]:
+    """A result file's maps as image layers (percent and degrees, the strain colormap,
+    limits symmetric about zero, one shared limit per component)."""
+    from ._widgets._layers import META_KEY, display_values, map_layer_name, strain_colormap
+    from .figures import symmetric_limit
+    from .io.results import MAP_NAMES, read_results
+
+    results = read_results(path)
+    lims = {c: symmetric_limit(*(display_values(m, c) for m in results.values()))
+            for c in MAP_NAMES}
+    out: list[LayerData] = []
+    for method, m in results.items():
+        for comp in MAP_NAMES:
+            out.append((display_values(m, comp), {
+                "name": map_layer_name(method, comp), "colormap": strain_colormap(),
+                "contrast_limits": (-lims[comp], lims[comp]), "interpolation2d": "nearest",
+                "visible": not out,
+                "metadata": {META_KEY: {"role": "result", "method": method,
+                                        "component": comp, "maps": m, "source": path}}},
+                "image"))
+    return out
+
+
+def short_message(message: str, path: Any) -> str:
+    """``message`` with a leading full path cut to the file's name: napari's toasts are short,
+    and the cause after a long folder path was what got cut off."""
+    for lead in (str(path), str(Path(path).expanduser().resolve())):
+        if message.startswith(lead + ":"):
+            return Path(path).name + message[len(lead):]
+    return message

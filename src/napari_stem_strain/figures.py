@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_maps", "symmetric_limit"]
+__all__ = ["plot_maps", "symmetric_limit", "NAN_COLOUR", "METHOD_LABELS"]
+
+#: How the methods are named for people (figures, the plugin's layers and tables).
+METHOD_LABELS = {"ae": "CC-ST-AE", "py4dstem": "py4DSTEM"}
+
+#: Blank positions (NaN: vacuum, background, not fitted) - a neutral grey, far from the white
+#: of zero strain in the diverging colormap (the napari maps use it too).
+NAN_COLOUR = (0.4, 0.4, 0.4)
 
 _COMPONENTS = (("exx", "exx (%)", 100.0), ("eyy", "eyy (%)", 100.0),
                ("exy", "exy (%)", 100.0), ("theta", "theta (deg)", 1.0))
@@ -36,20 +43,23 @@ def plot_maps(groups: dict[str, Any], path: str | Path, truth: Any = None,
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
+    cmap = colormaps["RdBu_r"].with_extremes(bad=NAN_COLOUR)
     rows: list[tuple[str, dict[str, np.ndarray]]] = []
     if truth is not None:
         t = {c: np.where(truth.sample, getattr(truth, c), np.nan) for c, _, _ in _COMPONENTS}
         rows.append(("ground truth", t))
     for name, g in groups.items():
-        rows.append((name, {c: getattr(g.maps, c) for c, _, _ in _COMPONENTS}))
+        rows.append((METHOD_LABELS.get(name, name),
+                     {c: getattr(g.maps, c) for c, _, _ in _COMPONENTS}))
     fig, axes = plt.subplots(len(rows), 4, figsize=(13, 3.1 * len(rows)), squeeze=False,
                              constrained_layout=True)
     for j, (comp, label, scale) in enumerate(_COMPONENTS):
         lim = symmetric_limit(*(r[1][comp] * scale for r in rows))
         for i, (name, maps) in enumerate(rows):
             ax = axes[i, j]
-            im = ax.imshow(maps[comp] * scale, cmap="RdBu_r", vmin=-lim, vmax=lim,
+            im = ax.imshow(maps[comp] * scale, cmap=cmap, vmin=-lim, vmax=lim,
                            interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -59,6 +69,9 @@ def plot_maps(groups: dict[str, Any], path: str | Path, truth: Any = None,
                 ax.set_ylabel(name)
             if i == len(rows) - 1:
                 fig.colorbar(im, ax=axes[:, j], shrink=0.8, location="bottom")
+    if any(not np.all(np.isfinite(maps[c])) for _, maps in rows for c, _, _ in _COMPONENTS):
+        note = "grey: no value (vacuum, background or not fitted)"
+        title = f"{title}\n{note}" if title else note
     if title:
         fig.suptitle(title)
     path = Path(path)

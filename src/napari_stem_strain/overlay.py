@@ -34,7 +34,9 @@ class ReferenceLattice:
     """The reference Bragg lattice in detector pixels, ``(x, y)`` = (row, column).
 
     ``g1, g2``: primitive reciprocal basis; ``vectors``: every ``h g1 + k g2`` (direct beam
-    ``(0, 0)`` included, first) that lands on the detector; ``radius``: direct-beam radius.
+    ``(0, 0)`` included, first) that lands on the detector; ``radius``: direct-beam radius;
+    ``disk_radius``: the Bragg disks' own radius (smaller where the direct beam is saturated
+    or bloomed, as in ASTAR data; the probe inspector draws rings of this size).
     """
 
     g1: np.ndarray
@@ -42,6 +44,11 @@ class ReferenceLattice:
     vectors: np.ndarray
     radius: float
     centre: np.ndarray
+    disk_radius: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.disk_radius:
+            self.disk_radius = self.radius
 
 
 def beam_centre(pattern: np.ndarray) -> tuple[np.ndarray, float]:
@@ -152,7 +159,34 @@ def reference_lattice(pattern: np.ndarray) -> ReferenceLattice:
     g1, g2 = _primitive_basis(pts - centre)
     g1, g2 = _refine_basis(_refine_peaks(pattern, pts, radius) - centre, g1, g2, radius)
     vecs = lattice_vectors(g1, g2, centre, pattern.shape)
-    return ReferenceLattice(g1, g2, vecs, radius, centre)
+    disk = spot_radius(pattern, _refine_peaks(pattern, pts, radius), radius)
+    return ReferenceLattice(g1, g2, vecs, radius, centre, disk)
+
+
+def spot_radius(pattern: np.ndarray, peaks: np.ndarray, beam_radius: float) -> float:
+    """Median half-maximum radius of the Bragg disks at ``peaks`` (above each one's local
+    background), at most the direct beam's radius."""
+    p = np.asarray(pattern, np.float64)
+    half = int(np.ceil(1.5 * beam_radius)) + 2
+    radii = []
+    for x, y in peaks:
+        i, j = int(round(x)), int(round(y))
+        if not (half <= i < p.shape[0] - half and half <= j < p.shape[1] - half):
+            continue  # a window cut by the detector edge has no honest background
+        win = p[i - half:i + half + 1, j - half:j + half + 1]
+        border = np.concatenate([win[0], win[-1], win[1:-1, 0], win[1:-1, -1]])
+        bg = float(np.median(border))
+        top = float(win[half - 1:half + 2, half - 1:half + 2].max())
+        if top <= bg:
+            continue
+        labels, _ = ndimage.label(win >= bg + 0.5 * (top - bg))
+        lab = labels[half - 1:half + 2, half - 1:half + 2].max()
+        if lab == 0:
+            continue
+        radii.append(np.sqrt((labels == lab).sum() / np.pi))
+    if not radii:
+        return float(beam_radius)
+    return float(min(np.median(radii), beam_radius))
 
 
 def predicted_disks(A: np.ndarray, g0: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -171,7 +205,10 @@ def region_mean_pattern(dataset, region: tuple[slice, slice]) -> np.ndarray:
 
 def otsu_split(values: np.ndarray) -> float | None:
     """Otsu's threshold of ``values``, or ``None`` unless the histogram is clearly bimodal with
-    a near-empty lower class (mean under a quarter of the upper's, several spreads below it)."""
+    a distinctly lower class: either near empty (mean under a quarter of the upper's, three
+    spreads below it) or - a noise floor lifts vacuum off zero - at least five spreads and a
+    quarter of the upper class's mean below it. (Grains of one crystal differ by less: in the
+    simulations up to about four spreads and a fifth of the mean.)"""
     f = np.sort(np.asarray(values, float).ravel())
     f = f[np.isfinite(f)]
     if len(f) < 4:
@@ -184,7 +221,10 @@ def otsu_split(values: np.ndarray) -> float | None:
     k = int(np.argmax(i * (n - i) * (mean_hi - mean_lo) ** 2))
     lo, hi = f[: k + 1], f[k + 1:]
     spread = max(lo.std(), hi.std(), 1e-12)
-    if hi.mean() - lo.mean() < 3.0 * spread or lo.mean() > 0.25 * hi.mean():
+    gap = hi.mean() - lo.mean()
+    if gap < 3.0 * spread:
+        return None
+    if lo.mean() > 0.25 * hi.mean() and (gap < 5.0 * spread or gap < 0.25 * hi.mean()):
         return None
     return float(0.5 * (lo.max() + hi.min()))
 

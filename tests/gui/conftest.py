@@ -6,6 +6,8 @@ about the plumbing rather than the science.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,10 +20,46 @@ SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "forma
 FORMATS = SHARED.resolve()
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if "tests/gui/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.gui)
+_QT_PROBE = "from qtpy.QtWidgets import QApplication; QApplication([])"
+
+
+def qt_display_problem() -> str | None:
+    """Why Qt cannot open a window here (``None`` when it can).
+
+    Without a display (no Xvfb for pytest-xvfb to start) or without Qt's X11 libraries, creating
+    the ``QApplication`` aborts the interpreter ("Fatal Python error: Aborted"), which would end
+    the whole test run; so it is tried once in a child process first.
+    """
+    try:
+        proc = subprocess.run([sys.executable, "-c", _QT_PROBE], capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        return "starting Qt timed out"
+    if proc.returncode == 0:
+        return None
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        cause = "no display, and no Xvfb for pytest-xvfb to start"
+    else:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        cause = next((ln for ln in lines if "Could not load" in ln or "connect" in ln),
+                     lines[0] if lines else f"exit status {proc.returncode}")
+    return f"Qt cannot open a window here ({cause})"
+
+
+def pytest_collection_modifyitems(config, items):
+    gui = [item for item in items
+           if "tests/gui/" in str(item.fspath).replace(os.sep, "/")]
+    for item in gui:
+        item.add_marker(pytest.mark.gui)
+    if not gui:
+        return
+    problem = qt_display_problem()
+    if problem is not None:
+        skip = pytest.mark.skip(reason=f"{problem}; GUI tests need Xvfb and Qt's X11 libraries: "
+                                       "run `bash scripts/system-deps.sh` as root")
+        for item in gui:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -68,6 +106,8 @@ class RampMethod(BlockMethod):
     def process_block(self, block, r0):
         if self.delay:
             time.sleep(self.delay)
+        if isinstance(self.fail, BaseException):
+            raise self.fail
         if self.fail:
             raise RuntimeError("toy method cannot fit these patterns")
         n, Ry = block.shape[:2]

@@ -65,6 +65,14 @@ def test_file_with_two_4d_arrays_asks_which(formats, make_napari_viewer, monkeyp
     assert len(asked["names"]) == 2
     ds = _nav(viewer).metadata["stem_strain"]["dataset"]
     assert ds.name == asked["names"][1] and ds.scan_shape == (11, 11)
+    # the other array of the same file opens under another name
+    monkeypatch.setattr(_reader, "ask_dataset", lambda path, names: names[0])
+    viewer.open(str(formats / "Si100_4D.emd"), plugin=PLUGIN)
+    names = [layer.name for layer in viewer.layers]
+    assert len(set(names)) == len(names) == 4, names
+    # ... named after what tells the arrays apart, not "datacube" and napari's "[1]"
+    for depth in ("depth0000", "depth0001"):
+        assert sum(depth in n for n in names) == 2, names
 
 
 def test_3d_stack_asks_scan_shape(formats, make_napari_viewer, monkeypatch):
@@ -72,6 +80,7 @@ def test_3d_stack_asks_scan_shape(formats, make_napari_viewer, monkeypatch):
 
     def shape(path, n_frames, message=""):
         asked["n"] = n_frames
+        asked["message"] = message
         return (6, 11)
 
     monkeypatch.setattr(_reader, "ask_scan_shape", shape)
@@ -79,6 +88,8 @@ def test_3d_stack_asks_scan_shape(formats, make_napari_viewer, monkeypatch):
     viewer.open(str(formats / "dmTest_3D_int16_64,65,66.dm4"), plugin=PLUGIN)
     assert asked["n"] == 66
     assert _nav(viewer).data.shape == (6, 11)
+    # the question speaks to a person, not in the Python API's or the CLI's terms
+    assert "scan_shape=" not in asked["message"] and "--scan-shape" not in asked["message"]
 
 
 def test_cancelled_question_opens_nothing_quietly(formats, make_napari_viewer, monkeypatch,
@@ -172,3 +183,28 @@ def test_removing_the_layers_of_a_file_closes_it(tmp_path, make_napari_viewer):
         ds.read_rows(0, 1)
     with h5py.File(path, "a") as f:  # nothing holds the file any more
         assert f["data"].shape == (4, 5, 16, 16)
+
+
+def test_result_file_opens_as_its_maps(make_napari_viewer, tmp_path, errors):
+    """A result file written by the plugin or ``stem-strain map`` opens as its maps (it was
+    refused: "holds no 4D-STEM data ... shape (48, 48, 2, 2)")."""
+    from napari_stem_strain._widgets._layers import map_layer_name
+    from napari_stem_strain.io.results import MethodMaps, write_results
+    from napari_stem_strain.strain import strain_maps
+
+    rng = np.random.default_rng(0)
+    A = np.eye(2) + 0.01 * rng.normal(size=(6, 7, 2, 2))
+    sample = np.ones((6, 7), bool)
+    sample[0, :] = False
+    maps = strain_maps(A, "2:5,2:5", 60.0, mask=sample)
+    path = tmp_path / "result.h5"
+    write_results(path, [MethodMaps("py4dstem", maps, A, sample, "2:5,2:5", 60.0)])
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin=PLUGIN)
+    assert errors() == []
+    names = [layer.name for layer in viewer.layers]
+    assert names == [map_layer_name("py4dstem", c) for c in ("exx", "eyy", "exy", "theta")]
+    exx = viewer.layers[map_layer_name("py4dstem", "exx")]
+    np.testing.assert_allclose(exx.data, maps.exx * 100, rtol=1e-5, equal_nan=True)
+    assert np.isnan(exx.data[0]).all()
+    assert exx.contrast_limits[0] == -exx.contrast_limits[1]

@@ -85,6 +85,10 @@ def test_rectangle_and_mask_rereference_at_once(mapped, toy_methods, errors):
     np.testing.assert_array_equal(exx.data, before)
     new = errors()[errors_before:]
     assert len(new) == 1 and "move it onto the crystal" in new[0]
+    # ... and the rectangle and the dock go back to the region the maps still use
+    assert session.reference_region() == "3:5,3:6"
+    assert docks["reference"].region_edit.text() == "3:5,3:6"
+    assert len(viewer.layers[REFERENCE_LAYER].data) == 1
 
     # painting background blanks the maps there, painting sample brings them back
     viewer.layers[REFERENCE_LAYER].data = [_rect(2, 5, 2, 5)]
@@ -203,6 +207,14 @@ def test_exports_round_trip(mapped, tmp_path):
     assert len(tifs) == 8
     np.testing.assert_allclose(tifffile.imread(tmp_path / "run1_py4dstem_theta.tif"),
                                session.results["py4dstem"].maps.theta, equal_nan=True)
+    # the scan's pixel size travels with the maps (1 nm here): TIFF resolution in pixels per cm
+    with tifffile.TiffFile(tmp_path / "run1_ae_exx.tif") as tif:
+        page = tif.pages[0]
+        num, den = page.tags["XResolution"].value
+        assert page.tags["ResolutionUnit"].value == 3  # centimetre
+        assert num / den == pytest.approx(1e7)
+        assert tif.shaped_metadata[0]["pixel_size"] == 1.0
+        assert tif.shaped_metadata[0]["pixel_unit"] == "nm"
     png = exp.export("png")
     assert png[0].stat().st_size > 10_000
     # napari's own File > Save Selected Layers with our writer
@@ -217,3 +229,60 @@ def test_export_without_results_explains(make_napari_viewer, tmp_path, errors):
     exp.folder.setText(str(tmp_path))
     assert exp.export("h5") == []
     assert "nothing to export" in errors()[-1]
+
+
+@pytest.fixture
+def mapped_copy(make_napari_viewer, open_scan, tiny_sim, toy_methods, wait_task, tmp_path):
+    """A copy of the tiny simulation (tests may try to overwrite it) opened and mapped."""
+    import shutil
+
+    src = tmp_path / "scan.h5"
+    shutil.copy(tiny_sim, src)
+    viewer = make_napari_viewer()
+    open_scan(viewer, src)
+    mapping, exp = MappingWidget(viewer), ExportWidget(viewer)
+    for w in (mapping, exp):
+        viewer.window.add_dock_widget(w)
+    task = mapping.run()
+    wait_task(task)
+    assert task.status == "done"
+    return viewer, exp, src
+
+
+def test_export_refuses_to_overwrite_the_open_dataset(mapped_copy, errors, monkeypatch):
+    from napari_stem_strain._widgets import _dialogs
+
+    viewer, exp, src = mapped_copy
+    asked = []
+    monkeypatch.setattr(_dialogs, "ask_overwrite", lambda paths: asked.append(paths) or True)
+    before = src.read_bytes()
+    assert exp.folder.text() == str(src.parent)
+    exp.base.setText("scan")  # scan.h5: the raw data the viewer shows
+    assert exp.export("h5") == []
+    assert src.read_bytes() == before
+    assert asked == []  # refused outright, not even asked
+    msg = errors()[-1]
+    assert "scan.h5" in msg and "open" in msg and "\n" not in msg
+
+
+def test_export_asks_before_overwriting_another_file(mapped_copy, errors, monkeypatch):
+    from napari_stem_strain._widgets import _dialogs
+
+    viewer, exp, src = mapped_copy
+    target = src.parent / "old_result.h5"
+    target.write_bytes(b"precious")
+    answers = []
+    monkeypatch.setattr(_dialogs, "ask_overwrite",
+                        lambda paths: answers.append(list(paths)) or False)
+    exp.base.setText("old_result")
+    assert exp.export("h5") == []
+    assert target.read_bytes() == b"precious"
+    assert answers == [[target]]
+    assert errors() == []
+    monkeypatch.setattr(_dialogs, "ask_overwrite", lambda paths: True)
+    assert exp.export("h5") == [target]
+    assert set(read_results(target)) == {"ae", "py4dstem"}
+    # a name not taken yet is written without a question
+    monkeypatch.setattr(_dialogs, "ask_overwrite", lambda paths: pytest.fail("asked"))
+    exp.base.setText("fresh")
+    assert [p.name for p in exp.export("png")] == ["fresh.png"]

@@ -13,10 +13,11 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QInputDialog,
     QLabel,
+    QMessageBox,
     QSpinBox,
 )
 
-__all__ = ["ask_dataset", "ask_scan_shape", "factor_pairs"]
+__all__ = ["ask_dataset", "ask_overwrite", "ask_scan_shape", "factor_pairs"]
 
 
 def _parent():
@@ -67,3 +68,14 @@ def ask_scan_shape(path: str, n_frames: int | None, message: str = "") -> tuple[
     if dlg.exec() != QDialog.DialogCode.Accepted:
         return None
     return rows.value(), cols.value()
+
+
+def ask_overwrite(paths: list) -> bool:
+    """Ask before replacing existing files (True: replace them)."""
+    names = "\n".join(str(p) for p in paths[:6]) + ("\n..." if len(paths) > 6 else "")
+    what = "This file exists" if len(paths) == 1 else f"These {len(paths)} files exist"
+    answer = QMessageBox.question(
+        _parent(), "Replace existing files?", f"{what}:\n{names}\n\nReplace?",
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+        QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes

@@ -6,11 +6,12 @@ units people quote; the files keep the dimensionless fractions of ``CONVENTIONS.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
 
-from ..figures import symmetric_limit
+from ..figures import METHOD_LABELS, symmetric_limit
 from ..io.results import MAP_NAMES, MethodMaps
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
 #: Key of the plugin's entry in ``layer.metadata``.
 META_KEY = "stem_strain"
 
-METHOD_LABELS = {"ae": "CC-ST-AE", "py4dstem": "py4DSTEM"}
 #: One colour per method, shared by overlay points, histograms and table.
 METHOD_COLOURS = {"ae": "#ff8c1a", "py4dstem": "#20c8ff"}
 #: (display unit, factor from the file's unit)
@@ -78,26 +78,135 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
     """
     layers = []
     created = False
+    # one limit per component for every method: one colour means one value in every tile
+    lims = {comp: symmetric_limit(*(display_values(m, comp) for m in results.values()))
+            for comp in MAP_NAMES}
     for method, m in results.items():
         for comp in MAP_NAMES:
             name = map_layer_name(method, comp)
             data = display_values(m, comp)
-            lim = symmetric_limit(data)
-            meta = {META_KEY: {"role": "map", "method": method, "component": comp,
-                               "maps": m}}
+            lim = lims[comp]
+            meta = {"role": "map", "method": method, "component": comp, "maps": m,
+                    "auto_limits": (-lim, lim)}
             if name in viewer.layers:
                 layer = viewer.layers[name]
+                before = layer.metadata.get(META_KEY) or {}
+                old = before.get("auto_limits")
+                user = bool(before.get("user_limits")) or (
+                    old is not None and not np.allclose(layer.contrast_limits, old))
                 layer.data = data
-                layer.metadata = {**layer.metadata, **meta}
+                layer.metadata = {**layer.metadata, META_KEY: meta}
+                if geometry:  # maps of another dataset (other pixel size) may be updated
+                    layer.scale, layer.translate = geometry["scale"], geometry["translate"]
             else:
                 layer = viewer.add_image(data, name=name, colormap=strain_colormap(),
-                                         **(geometry or {}), metadata=meta,
+                                         **(geometry or {}), metadata={META_KEY: meta},
                                          interpolation2d="nearest", visible=False)
-                created = True
-            layer.contrast_limits_range = (-lim, lim)
-            layer.contrast_limits = (-lim, lim)
+                created, user = True, False
+                _show_colorbar(layer)
+            if user:  # limits the user chose stay (re-referencing or masking keeps them)
+                kept = tuple(layer.contrast_limits)
+                lo, hi = min(-lim, kept[0]), max(lim, kept[1])
+                layer.contrast_limits_range = (lo, hi)
+                layer.contrast_limits = kept
+                meta["user_limits"] = True
+            else:
+                layer.contrast_limits_range = (-lim, lim)
+                layer.contrast_limits = (-lim, lim)
             layers.append(layer)
     if created and layers:
-        # show the first method's exx on top of the navigation image
+        _below_overlays(viewer, layers)
+        # show the first method's exx and select it (napari selected the last one added, a
+        # hidden map: the status bar then showed no value)
         layers[0].visible = True
+        viewer.layers.selection.active = layers[0]
+    if layers:
+        _backdrop(viewer, layers, geometry)
     return layers
+
+
+def _show_colorbar(layer: Any) -> None:
+    """napari's colour bar of the layer (napari 0.6+; drawn while the layer is shown)."""
+    bar = getattr(layer, "colorbar", None)
+    if bar is not None:
+        bar.visible = True
+
+
+def show_tile_names(viewer: Any, on: bool) -> None:
+    """Each map's name on its tile of the side-by-side grid (napari's layer-name overlay)."""
+    for layer in viewer.layers:
+        if _role(layer) == "map":
+            overlay = getattr(layer, "name_overlay", None)
+            if overlay is not None:
+                overlay.visible = on
+
+
+#: roles of the plugin's overlays, kept above the maps (rectangle, mask, probe cross)
+_OVERLAYS = ("mask", "reference", "probe")
+BLANK_LAYER = "no value (NaN)"
+_SYNCED: weakref.WeakSet = weakref.WeakSet()  # map layers whose visibility drives the backdrop
+
+
+def _role(layer: Any) -> str | None:
+    return ((getattr(layer, "metadata", None) or {}).get(META_KEY) or {}).get("role")
+
+
+def _below_overlays(viewer: Any, new: list[Any]) -> None:
+    """Move the new map layers under the lowest overlay (they would hide them on top)."""
+    ll = viewer.layers
+    for layer in new:
+        over = [ll.index(la) for la in ll if _role(la) in _OVERLAYS]
+        i = ll.index(layer)
+        if over and i > min(over):
+            ll.move(i, min(over))
+
+
+def _backdrop(viewer: Any, maps: list[Any], geometry: dict[str, Any] | None) -> Any:
+    """A uniform neutral layer right under the maps: blank (NaN) positions of a shown map then
+    read as "no value" (``figures.NAN_COLOUR``), not as the grey image beneath - whose
+    mid-grey looks like zero strain. Shown while any map is shown."""
+    from napari.utils.colormaps import Colormap
+
+    from ..figures import NAN_COLOUR
+
+    ll = viewer.layers
+    shape = np.shape(maps[0].data)
+    layer = next((la for la in ll if _role(la) == "blank"), None)
+    if layer is None:
+        active = ll.selection.active  # adding a layer selects it: keep the user's selection
+        colour = [*NAN_COLOUR, 1.0]
+        layer = viewer.add_image(
+            np.zeros(shape, np.uint8), name=BLANK_LAYER, **(geometry or {}),
+            colormap=Colormap([colour, colour], name="no value", display_name="no value"),
+            contrast_limits=(0, 1), opacity=1.0,
+            metadata={META_KEY: {"role": "blank"}})
+        if active is not None:
+            ll.selection.active = active
+    elif np.shape(layer.data) != shape:
+        layer.data = np.zeros(shape, np.uint8)
+    if geometry:
+        layer.scale, layer.translate = geometry["scale"], geometry["translate"]
+    lowest = min(ll.index(la) for la in ll if _role(la) == "map")
+    i = ll.index(layer)
+    if i > lowest:
+        ll.move(i, lowest)
+    elif i < lowest - 1:
+        ll.move(i, lowest)  # moving down-list shifts the maps by one: lands right below
+    for m in maps:
+        if m not in _SYNCED:
+            m.events.visible.connect(lambda _e, v=viewer: sync_backdrop(v))
+            _SYNCED.add(m)
+    sync_backdrop(viewer)
+    return layer
+
+
+def sync_backdrop(viewer: Any) -> None:
+    """The backdrop is visible while a map is (never in the side-by-side grid)."""
+    ll = viewer.layers
+    blank = next((la for la in ll if _role(la) == "blank"), None)
+    if blank is None:
+        return
+    grid = getattr(getattr(viewer, "canvas", None), "grid", None) or getattr(viewer, "grid",
+                                                                              None)
+    in_grid = bool(getattr(grid, "enabled", False))
+    blank.visible = not in_grid and any(la.visible for la in ll if _role(la) == "map")

@@ -9,10 +9,16 @@ psygnal signals the docks listen to.
 Results are kept *raw* (as the methods delivered them); what is shown is always derived:
 ``raw.sample & user mask`` re-referenced to the current rectangle. So un-painting the mask or
 moving the rectangle back restores the earlier maps exactly.
+
+Several datasets in one viewer: the session works on one *current* dataset (the last opened,
+or the one whose image the user selects). Each dataset keeps its own results, mask, rectangle
+and probe: switching saves the current one's and restores (or, the first time, creates) the
+other's; the mask, rectangle, probe cross and maps take the geometry of the current dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import weakref
@@ -59,6 +65,8 @@ class StrainSession:
     reference_changed = Signal(str)
     probe_changed = Signal(int, int)
     dataset_changed = Signal()
+    #: the sample mask changed (painting, undo/redo, fill), with or without results
+    mask_changed = Signal()
 
     def __init__(self, viewer: Any) -> None:
         self._viewer_ref = weakref.ref(viewer)
@@ -68,6 +76,9 @@ class StrainSession:
         self._last_region: str | None = None
         self._last_error: str | None = None
         self._dataset_key: int | None = None
+        self._current: Any = None  # the current dataset (see ``nav_layer``)
+        #: saved state of the other datasets (id -> raw results, mask, region, probe)
+        self._states: dict[int, dict[str, Any]] = {}
         self._busy = False
         self._mask_key: int | None = None
         # datasets a worker is reading (id -> [dataset, count]) and ones to close afterwards
@@ -75,6 +86,7 @@ class StrainSession:
         self._close_later: set[int] = set()
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.removed.connect(self._on_layer_removed)
+        viewer.layers.selection.events.active.connect(self._on_active)
 
     # ------------------------------------------------------------------ dataset
     @property
@@ -85,16 +97,18 @@ class StrainSession:
         return v
 
     def nav_layer(self) -> Any | None:
-        """The navigation image of the current dataset: the selected one if it is ours, else
-        the most recently added."""
+        """The navigation image of the current dataset (before there is one: the selected
+        navigation image, else the most recently added)."""
         layers = self.viewer.layers
+        navs = [layer for layer in layers if _info(layer).get("role") == "navigation"]
+        if self._current is not None:
+            for layer in reversed(navs):
+                if _info(layer).get("dataset") is self._current:
+                    return layer
         active = layers.selection.active
-        if active is not None and _info(active).get("role") == "navigation":
+        if active is not None and active in navs:
             return active
-        for layer in reversed(layers):
-            if _info(layer).get("role") == "navigation":
-                return layer
-        return None
+        return navs[-1] if navs else None
 
     def info(self) -> dict[str, Any]:
         """The plugin's metadata of the navigation layer (dataset, virtual images, truth)."""
@@ -133,8 +147,23 @@ class StrainSession:
 
     def _on_layer_inserted(self, event: Any) -> None:
         layer = event.value
-        if _info(layer).get("role") == "navigation" and not self._busy:
-            self.new_dataset()
+        info = _info(layer)
+        if info.get("role") == "navigation" and not self._busy:
+            self.new_dataset(info.get("dataset"))
+
+    def _on_active(self, event: Any = None) -> None:
+        """Selecting an image of another dataset makes that dataset current."""
+        if self._busy:
+            return
+        try:
+            active = self.viewer.layers.selection.active
+        except RuntimeError:
+            return
+        info = _info(active)
+        ds = info.get("dataset")
+        if ds is not None and info.get("role") in ("navigation", "virtual") \
+                and ds is not self._current:
+            self.new_dataset(ds)
 
     def _on_layer_removed(self, event: Any) -> None:
         """Close a dataset's file once no layer shows it any more (the BF and ADF images of
@@ -148,6 +177,11 @@ class StrainSession:
             layers = []
         if any(_info(layer).get("dataset") is ds for layer in layers):
             return
+        self._states.pop(id(ds), None)
+        if ds is self._current:
+            self._current = None
+            if any(_info(layer).get("role") == "navigation" for layer in layers):
+                self.new_dataset()
         if id(ds) in self._held:
             self._close_later.add(id(ds))
         else:
@@ -170,26 +204,81 @@ class StrainSession:
                 self._close_later.discard(id(ds))
                 _close(ds)
 
-    def new_dataset(self) -> None:
-        """A new scan became current: drop old results, fit rectangle and mask to it."""
-        ds = self.dataset
+    def new_dataset(self, ds: Any = None) -> None:
+        """Make ``ds`` (default: the newest navigation image's) the current dataset: save the
+        state of the one before, restore ``ds``'s (or fit a new rectangle and mask to it)."""
+        if ds is None:
+            self._current = None
+            ds = self.dataset
+        elif not any(_info(layer).get("role") == "navigation"
+                     and _info(layer).get("dataset") is ds for layer in self.viewer.layers):
+            return  # e.g. its ADF image was added before its navigation image
         key = id(ds) if ds is not None else None
-        if key == self._dataset_key:
+        if key == self._dataset_key and ds is self._current:
             return
+        if self._dataset_key is not None and self._dataset_key != key:
+            self._states[self._dataset_key] = self._snapshot()
+        self._current = ds
         self._dataset_key = key
+        state = self._states.pop(key, None) if key is not None else None
         self.raw_results, self.results = {}, {}
         self.probe = None
+        self._mask_key = None
+        self._last_region = None
         if ds is not None:
-            self.ensure_layers(reset=True)
+            if state is None:
+                self.ensure_layers(reset=True)
+            else:
+                self._restore(state)
+        if self.raw_results:
+            self.refresh()
+        else:
+            self._remove_maps()
         self.dataset_changed.emit()
         self.results_changed.emit()
+
+    def _snapshot(self) -> dict[str, Any]:
+        mask = self.mask_layer(create=False)
+        return {"raw_results": dict(self.raw_results), "probe": self.probe,
+                "region": self.reference_region(),
+                "mask": None if mask is None else np.array(mask.data, copy=True)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._busy = True
+        try:
+            self.raw_results = dict(state["raw_results"])
+            self.ensure_layers()
+            mask = state["mask"]
+            if mask is not None and mask.shape == self.scan_shape:
+                self.mask_layer(create=True).data = mask
+            self.probe = state["probe"]
+        finally:
+            self._busy = False
+        self.set_reference_region(state["region"] or self.default_region())
+
+    def _remove_maps(self) -> None:
+        """Map layers of another dataset do not stay over this one."""
+        layers = self.viewer.layers
+        for layer in [la for la in layers if _info(la).get("role") in ("map", "blank")]:
+            layers.remove(layer)
+
+    def _fit_geometry(self) -> None:
+        """Scan-space layers of the plugin take the current dataset's scale and offset."""
+        kw = self.layer_kwargs()
+        for layer in self.viewer.layers:
+            if _info(layer).get("role") in ("mask", "reference", "map", "probe", "blank"):
+                layer.scale, layer.translate = kw["scale"], kw["translate"]
+                if "units" in kw:
+                    with contextlib.suppress(Exception):
+                        layer.units = kw["units"]
 
     # ------------------------------------------------------------ scan layers
     def ensure_layers(self, reset: bool = False) -> None:
         """Create (or with ``reset`` re-create for a new scan) the mask and the rectangle."""
         if self.dataset is None:
             return
-        self._dataset_key = id(self.dataset)
+        self._current = self.dataset
+        self._dataset_key = id(self._current)
         self._busy = True
         try:
             fresh = self.mask_layer(create=False) is None
@@ -198,6 +287,7 @@ class StrainSession:
                 self._replace_mask_layer()
                 self.fill_mask("virtual")
             ref = self.reference_layer(create=True)
+            self._fit_geometry()
             if reset or len(ref.data) == 0:
                 self.set_reference_region(self.default_region())
         finally:
@@ -243,6 +333,8 @@ class StrainSession:
         layer.events.paint.connect(self._on_mask_edit)
         layer.events.labels_update.connect(self._on_mask_edit)
         layer.events.data.connect(self._on_mask_edit)
+        # undo / redo rewrite the pixels and only emit set_data
+        layer.events.set_data.connect(self._on_mask_edit)
         # keep the rectangle drawn above the mask
         if REFERENCE_LAYER in self.viewer.layers:
             layers = self.viewer.layers
@@ -261,9 +353,10 @@ class StrainSession:
         self._add_mask_layer()
 
     # ----------------------------------------------------------------- mask
-    def fill_mask(self, source: str = "virtual") -> None:
+    def fill_mask(self, source: str = "virtual", undoable: bool = False) -> None:
         """Fill the mask from the virtual images (``"virtual"``) or from the methods' own
-        sample classification (``"classifier"``: CC-ST-AE's when present)."""
+        sample classification (``"classifier"``: CC-ST-AE's when present). ``undoable``: as
+        one step of the mask layer's undo history (the dock's Fill button)."""
         from ..overlay import mask_from_virtual
 
         layer = self.mask_layer(create=True)
@@ -278,7 +371,13 @@ class StrainSession:
                 sample = np.ones(self.scan_shape or layer.data.shape, bool)
             else:
                 sample = mask_from_virtual(vi.bright_field, vi.dark_field)
-        layer.data = np.where(sample, SAMPLE, BACKGROUND).astype(np.uint8)
+        new = np.where(sample, SAMPLE, BACKGROUND).astype(np.uint8)
+        if undoable and layer.data.shape == new.shape:
+            changed = np.nonzero(np.asarray(layer.data) != new)
+            if changed[0].size:
+                layer.data_setitem(changed, new[changed])
+            return
+        layer.data = new
 
     def sample_mask(self) -> np.ndarray | None:
         """True where the user's mask says crystal (``None`` without a mask layer)."""
@@ -294,6 +393,7 @@ class StrainSession:
         key = None if mask is None else hash(mask.tobytes())
         if key != self._mask_key:  # labels_update also fires for display-only refreshes
             self._mask_key = key
+            self.mask_changed.emit()
             self.refresh()
 
     # ------------------------------------------------------------ reference
@@ -342,20 +442,31 @@ class StrainSession:
         region = self.reference_region()
         if region is None or region == self._last_region:
             return
-        self._last_region = region
+        previous, self._last_region = self._last_region, region
+        if not self.refresh() and previous is not None:
+            # refused (e.g. on vacuum): the rectangle and the dock go back to the region the
+            # maps still use, rather than show one they do not
+            self.set_reference_region(previous)
+            return
         self.reference_changed.emit(region)
-        self.refresh()
 
     # --------------------------------------------------------------- results
-    def set_results(self, raw: dict[str, MethodMaps]) -> None:
-        """Store freshly computed results (any reference) and show them."""
+    def set_results(self, raw: dict[str, MethodMaps], dataset: Any = None) -> None:
+        """Store freshly computed results (any reference) of ``dataset`` (default: the current
+        one) and show them - or keep them for when that dataset is current again."""
+        if dataset is not None and dataset is not self.dataset:
+            state = self._states.get(id(dataset))
+            if state is not None:
+                state["raw_results"] = {**state["raw_results"], **raw}
+            return
         self.raw_results = {**self.raw_results, **raw}
         self.refresh()
 
-    def refresh(self) -> None:
-        """Recompute what is shown from the raw results, the mask and the rectangle."""
+    def refresh(self) -> bool:
+        """Recompute what is shown from the raw results, the mask and the rectangle; False
+        when the rectangle was refused (a notification says why; nothing changed)."""
         if not self.raw_results:
-            return
+            return True
         region = self.reference_region()
         mask = self.sample_mask()
         try:
@@ -370,11 +481,12 @@ class StrainSession:
             if msg != self._last_error:
                 self._last_error = msg
                 _notify_error(f"Cannot use this reference: {msg}")
-            return
+            return False
         self._last_error = None
         self.results = shown
         show_results(self.viewer, shown, self.layer_kwargs())
         self.results_changed.emit()
+        return True
 
     # ----------------------------------------------------------------- probe
     def set_probe(self, row: int, col: int) -> None:

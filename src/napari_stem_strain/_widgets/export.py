@@ -24,6 +24,8 @@ from qtpy.QtWidgets import (
 )
 
 from ..io.results import MAP_NAMES
+from . import _dialogs
+from ._scroll import make_scrollable
 from ._session import get_session
 from ._workers import notify_error, notify_info
 
@@ -36,10 +38,30 @@ def export_h5(results: dict[str, Any], path: Path) -> list[Path]:
     return [write_results(path, list(results.values()), replace=True)]
 
 
-def export_tiffs(results: dict[str, Any], folder: Path, base: str) -> list[Path]:
-    """``<base>_<method>_<map>.tif`` float32, fractions (strain) and degrees (theta)."""
+def tiff_paths(results: dict[str, Any], folder: Path, base: str) -> list[Path]:
+    return [folder / f"{base}_{name}_{comp}.tif" for name in results for comp in MAP_NAMES]
+
+
+#: centimetres per unit of the scan's pixel size (TIFF resolution is per cm or per inch)
+_CM_PER_UNIT = {"nm": 1e-7, "Å": 1e-8, "A": 1e-8, "angstrom": 1e-8, "pm": 1e-10,
+                "um": 1e-4, "µm": 1e-4, "μm": 1e-4, "mm": 0.1}
+
+
+def export_tiffs(results: dict[str, Any], folder: Path, base: str,
+                 pixel_size: float | None = None, pixel_unit: str | None = None) -> list[Path]:
+    """``<base>_<method>_<map>.tif`` float32, fractions (strain) and degrees (theta). The
+    scan's pixel size is written as the TIFF resolution (pixels per cm, which ImageJ/Fiji and
+    other readers show as a length) and in the JSON metadata."""
     import tifffile
 
+    meta_px: dict[str, Any] = {}
+    kw: dict[str, Any] = {}
+    if pixel_size and pixel_unit:
+        meta_px = {"pixel_size": float(pixel_size), "pixel_unit": str(pixel_unit)}
+        cm = _CM_PER_UNIT.get(str(pixel_unit))
+        if cm:
+            per_cm = 1.0 / (float(pixel_size) * cm)
+            kw = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
     out = []
     for name, m in results.items():
         for comp in MAP_NAMES:
@@ -47,7 +69,7 @@ def export_tiffs(results: dict[str, Any], folder: Path, base: str) -> list[Path]
             tifffile.imwrite(p, np.asarray(getattr(m.maps, comp), np.float32),
                              metadata={"method": name, "map": comp,
                                        "unit": "degree" if comp == "theta" else "fraction",
-                                       "reference": m.reference})
+                                       "reference": m.reference, **meta_px}, **kw)
             out.append(p)
     return out
 
@@ -92,6 +114,7 @@ class ExportWidget(QWidget):
         lay.addLayout(brow)
         lay.addWidget(self.last)
         lay.addStretch(1)
+        make_scrollable(self)
         self.session.dataset_changed.connect(self._default_base)
         self._default_base()
 
@@ -115,13 +138,29 @@ class ExportWidget(QWidget):
             return []
         folder = Path(self.folder.text()).expanduser()
         base = self.base.text().strip() or "strain"
+        if kind == "h5":
+            targets = [folder / f"{base}.h5"]
+        elif kind == "tif":
+            targets = tiff_paths(results, folder, base)
+        else:
+            targets = [folder / f"{base}.png"]
+        opened = self._open_sources()
+        for target in targets:
+            if _resolved(target) in opened:
+                notify_error(f"Export refused: {target} is an open data file; "
+                             "choose another file name")
+                return []
+        existing = [t for t in targets if t.exists()]
+        if existing and not _dialogs.ask_overwrite(existing):
+            self.last.setText("export cancelled: no file was replaced")
+            return []
         try:
             if not folder.is_dir():
                 raise OSError(f"folder {folder} does not exist")
             if kind == "h5":
                 files = export_h5(results, folder / f"{base}.h5")
             elif kind == "tif":
-                files = export_tiffs(results, folder, base)
+                files = export_tiffs(results, folder, base, *self._pixel_size())
             else:
                 files = export_png(results, folder / f"{base}.png", self.session.ground_truth)
         except (OSError, ValueError) as err:
@@ -131,3 +170,28 @@ class ExportWidget(QWidget):
         self.last.setText(f"wrote {len(files)} file(s) to {folder}: {names}")
         notify_info(f"wrote {len(files)} file(s) to {folder}")
         return files
+
+    def _pixel_size(self) -> tuple[float | None, str | None]:
+        """The current scan's pixel size and unit, when the file gives one."""
+        ds = self.session.dataset
+        cal = getattr(ds, "calibration", None)
+        size, unit = getattr(cal, "r_pixel_size", None), getattr(cal, "r_units", None)
+        return (float(size), str(unit)) if size and unit else (None, None)
+
+    def _open_sources(self) -> set[Path]:
+        """The files of every dataset open in the viewer (never export over one)."""
+        out = set()
+        for layer in self.viewer.layers:
+            info = layer.metadata.get("stem_strain") or {}
+            ds = info.get("dataset")
+            for src in (info.get("source"), getattr(ds, "source", None)):
+                if src:
+                    out.add(_resolved(Path(src)))
+        return out
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except OSError:
+        return path.expanduser().absolute()

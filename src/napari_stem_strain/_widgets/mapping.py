@@ -34,7 +34,16 @@ from qtpy.QtWidgets import (
 )
 
 from ..io.results import MAP_NAMES
-from ._layers import MAP_UNITS, META_KEY, display_values, method_colour, method_label
+from ._layers import (
+    MAP_UNITS,
+    META_KEY,
+    display_values,
+    method_colour,
+    method_label,
+    show_tile_names,
+    sync_backdrop,
+)
+from ._scroll import make_scrollable
 from ._session import get_session
 from ._workers import Task, notify_error
 
@@ -66,6 +75,51 @@ def _probe_devices() -> tuple[list[str], str]:
     return have, "torch sees no CUDA GPU: CC-ST-AE runs on the CPU"
 
 
+def fitted_model_path(ds: Any) -> Path:
+    """A new file for a model fitted in the dock: ``<cache>/napari-stem-strain/models/
+    <data name>-<date-time>.pt`` (``$XDG_CACHE_HOME`` or ``~/.cache``), never an existing one."""
+    import os
+    import time
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "napari-stem-strain" / "models"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="stem-strain-fit-"))
+    stem = Path(str(getattr(ds, "source", "") or "data")).stem or "data"
+    base_name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = folder / f"{base_name}.pt", 1
+    while path.exists():
+        i += 1
+        path = folder / f"{base_name}-{i}.pt"
+    return path
+
+
+def dask_address_problem(address: str) -> str | None:
+    """Why ``address`` is no Dask address (one line), or ``None``: ``local``, ``local:N`` or
+    ``[scheme://]host:port`` with a port number."""
+    import re
+
+    text = address.strip()
+    local = re.fullmatch(r"(?i)local(?::(.*))?", text)
+    if local:
+        n = local.group(1)
+        if n is None or (n.isdigit() and int(n) >= 1):
+            return None
+        return f"Dask cluster {address!r}: expected local:N with N a number of workers (1 or more)"
+    m = re.fullmatch(r"(?:([a-z][a-z0-9+.-]*)://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+)"
+                     r":([^:/]*)/?", text)
+    if m is None:
+        return (f"Dask cluster {address!r} is not an address: expected host:port "
+                "(e.g. tcp://host:8786) or local:N")
+    port = m.group(3)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return (f"Dask cluster {address!r}: the port must be a number from 1 to 65535 "
+                "(e.g. tcp://host:8786)")
+    return None
+
+
 def _grid(viewer: Any) -> Any:
     """napari's grid settings (``viewer.canvas.grid`` since 0.9, ``viewer.grid`` before)."""
     canvas = getattr(viewer, "canvas", None)
@@ -81,7 +135,9 @@ class MappingWidget(QWidget):
         self.session = get_session(napari_viewer)
         self.task: Task | None = None
         self._held: Any = None  # the dataset the running task reads (see ``session.hold``)
+        self._fitted: Path | None = None  # the model the last run fitted
         self._hidden_for_grid: list[Any] = []
+        self._maps_before_grid: dict[Any, bool] = {}
 
         # -- methods -----------------------------------------------------------------
         run_box = QGroupBox("Methods")
@@ -142,7 +198,9 @@ class MappingWidget(QWidget):
         self.status.setWordWrap(True)
 
         # -- results -----------------------------------------------------------------
-        self.grid = QCheckBox("Compare side by side (grid: one row per method)")
+        self.grid = QCheckBox("Compare side by side")
+        self.grid.setToolTip("napari's grid: one row per method, columns exx, eyy, exy, theta; "
+                             "only the maps are shown meanwhile")
         self.grid.toggled.connect(self.set_grid)
         self.tabs = QTabWidget()
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -156,8 +214,10 @@ class MappingWidget(QWidget):
         self.mae_table.setHorizontalHeaderLabels(
             [f"{c} ({MAP_UNITS[c][0]})" for c in MAP_NAMES])
         self.mae_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.mae_note = QLabel("Mean absolute error against the file's ground truth, over all "
-                               "sample positions (CONVENTIONS.md).")
+        self.mae_note = QLabel("Mean absolute error against the file's ground truth, "
+                               "re-referenced to the reference rectangle, over the positions "
+                               "that are sample in both the truth and the mask "
+                               "(CONVENTIONS.md).")
         self.mae_note.setWordWrap(True)
         mae_page = QWidget()
         mlay = QVBoxLayout(mae_page)
@@ -167,10 +227,15 @@ class MappingWidget(QWidget):
 
         lay = QVBoxLayout(self)
         lay.addWidget(run_box)
-        lay.addLayout(brow)
-        lay.addWidget(self.status)
         lay.addWidget(self.grid)
         lay.addWidget(self.tabs, 1)
+        # Run / Cancel and the status stay in view below the scrolling part
+        footer = QWidget()
+        flay = QVBoxLayout(footer)
+        flay.setContentsMargins(9, 0, 9, 6)
+        flay.addLayout(brow)
+        flay.addWidget(self.status)
+        make_scrollable(self, footer=footer)
 
         self._model_changed(self.model.currentText())
         self.session.results_changed.connect(self.update_results)
@@ -192,12 +257,9 @@ class MappingWidget(QWidget):
         if "torch" in sys.modules:
             self._show_devices(_probe_devices())
             return
-        from napari.qt.threading import create_worker
+        from ._workers import start_worker
 
-        worker = create_worker(_probe_devices, _ignore_errors=True)
-        worker.returned.connect(self._show_devices)
-        worker.start()
-        self._device_worker = worker
+        self._device_worker = start_worker(_probe_devices, self._show_devices)
 
     def _show_devices(self, found: tuple[list[str], str]) -> None:
         have, text = found
@@ -263,23 +325,44 @@ class MappingWidget(QWidget):
         fit_epochs = self.epochs.value() if "ae" in methods and choice == MODEL_FIT else 0
         dask_address = self.dask_address.text().strip() or None
         if dask_address:
+            problem = dask_address_problem(dask_address)
+            if problem:
+                notify_error(problem)
+                return None
             _settings().setValue(DASK_KEY, dask_address)
+
+        fit_out = fitted_model_path(ds) if fit_epochs else None
+
+        n_total = len(methods) * int(np.prod(ds.scan_shape))
 
         def job(progress: Any, should_stop: Any) -> Any:
             from ..pipeline import run_methods
 
+            # the bar shows its total at once (loading a model takes seconds before any block)
+            progress(0, n_total, "preparing (loading the model, locating the direct beam)")
             use_model = model
-            if fit_epochs:
+            if fit_out is not None:
                 from ..methods.ccstae import fit_model
 
-                out = Path(tempfile.mkdtemp(prefix="stem-strain-fit-")) / "model.pt"
-                fitted = fit_model(ds, init="default", epochs=fit_epochs, seed=0, out=out,
+                fitted = fit_model(ds, init="default", epochs=fit_epochs, seed=0, out=fit_out,
                                    progress=progress, should_stop=should_stop,
                                    reference=region, device=device)
-                use_model = fitted if fitted is not None else out
+                use_model = fitted if fitted is not None else fit_out
             return run_methods(ds, methods, reference=region, model=use_model, device=device,
                                progress=progress, should_stop=should_stop,
                                dask_address=dask_address)
+
+        session = self.session
+
+        def done(raw: Any) -> None:
+            # before showing the maps: showing them processes Qt events, which may deliver
+            # the run's end (``_ended``) meanwhile
+            if fit_out is not None and fit_out.is_file():
+                self._fitted = fit_out
+                # offer the fitted model for the next run (no refit)
+                self.model_path.setText(str(fit_out))
+                self.model.setCurrentText(MODEL_FILE)
+            session.set_results(raw, dataset=ds)
 
         names = " + ".join(method_label(m) for m in methods)
         self.status.setText(f"running {names} ...")
@@ -287,8 +370,10 @@ class MappingWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.session.hold(ds)
         self._held = ds
-        self.task = Task(job, f"Strain mapping ({names})", on_done=self.session.set_results,
-                         on_end=self._ended, error_prefix="Strain mapping failed: ")
+        self._fitted = None
+        self.task = Task(job, f"Strain mapping ({names})", on_done=done,
+                         on_end=self._ended, error_prefix="Strain mapping failed: ",
+                         viewer=self.viewer)
         return self.task
 
     def cancel(self) -> None:
@@ -304,6 +389,8 @@ class MappingWidget(QWidget):
         self.cancel_button.setEnabled(False)
         text = {"done": "done", "cancelled": "cancelled: no maps were changed",
                 "failed": "failed (see the notification)"}.get(status, status)
+        if status == "done" and self._fitted is not None:
+            text += f"; fitted model saved as {self._fitted} (chosen for the next run)"
         self.status.setText(text)
 
     # ---------------------------------------------------------------- results
@@ -353,6 +440,9 @@ class MappingWidget(QWidget):
             return {}
         from ..pipeline import compare_to_truth
 
+        # the truth relative to the user's rectangle, over the user's sample mask (positions
+        # painted background are no method's error)
+        gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
         return compare_to_truth(self.session.results, gt)
 
     def _fill_mae(self) -> None:
@@ -374,6 +464,8 @@ class MappingWidget(QWidget):
         maps = [layer for layer in viewer.layers
                 if (layer.metadata.get(META_KEY) or {}).get("role") == "map"]
         if on and maps:
+            if not _grid(viewer).enabled:  # remember the maps' own visibility for later
+                self._maps_before_grid = {layer: layer.visible for layer in maps}
             for layer in viewer.layers:
                 if layer not in maps and layer.visible:
                     layer.visible = False
@@ -384,9 +476,21 @@ class MappingWidget(QWidget):
             grid = _grid(viewer)
             grid.shape = (n_methods, len(MAP_NAMES))
             grid.enabled = True
+            show_tile_names(viewer, True)
+            sync_backdrop(viewer)  # the blank backdrop would be a tile of its own
+            viewer.reset_view()  # every tile whole, not a zoomed fragment
         else:
+            was_grid = _grid(viewer).enabled
             _grid(viewer).enabled = False
+            show_tile_names(viewer, False)
+            for layer, visible in self._maps_before_grid.items():
+                if layer in viewer.layers:
+                    layer.visible = visible
+            self._maps_before_grid = {}
             for layer in self._hidden_for_grid:
                 if layer in viewer.layers:
                     layer.visible = True
             self._hidden_for_grid = []
+            sync_backdrop(viewer)
+            if was_grid:
+                viewer.reset_view()

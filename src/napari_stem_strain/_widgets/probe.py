@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from .. import overlay
 from ._layers import META_KEY, method_colour, method_label
+from ._scroll import make_scrollable
 from ._session import get_session
 
 __all__ = ["ProbeInspector", "PROBE_LAYER"]
@@ -78,7 +79,8 @@ class ProbeInspector(QWidget):
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumSize(160, 160)
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.ax = self.figure.add_axes((0.0, 0.0, 1.0, 1.0))
+        # the top strip holds the methods' legend, never over the disks
+        self.ax = self.figure.add_axes((0.0, 0.0, 1.0, 0.9))
         self.ax.set_axis_off()
 
         self.numbers = QLabel("click on the scan image to inspect a probe position")
@@ -102,6 +104,7 @@ class ProbeInspector(QWidget):
         lay.addLayout(top)
         lay.addLayout(top2)
         lay.addWidget(split, 1)
+        make_scrollable(self)
 
         self.session.probe_changed.connect(self._on_probe)
         self.session.results_changed.connect(self.update_view)
@@ -250,7 +253,7 @@ class ProbeInspector(QWidget):
             from matplotlib.collections import EllipseCollection
             from matplotlib.lines import Line2D
 
-            radius = self.lattice.radius if self.lattice is not None else 3.0
+            radius = self.lattice.disk_radius if self.lattice is not None else 3.0
             handles = []
             for i, (name, pts) in enumerate(self.overlay.items()):
                 # rings in detector pixels (they scale with the image), one size per method,
@@ -264,11 +267,27 @@ class ProbeInspector(QWidget):
                 handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=col,
                                       label=method_label(name)))
             if handles:
-                ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.6)
+                ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                          ncol=len(handles), fontsize=7, frameon=False, labelcolor="#e0e0e0",
+                          borderaxespad=0.2, handletextpad=0.3, columnspacing=1.0)
         h, w = self.pattern.shape
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
         self.canvas.draw_idle()
+
+    def _calibration_line(self) -> str:
+        """Diffraction-space calibration of the file, and the reference lattice in it."""
+        cal = getattr(self.session.dataset, "calibration", None)
+        q, unit = getattr(cal, "q_pixel_size", None), getattr(cal, "q_units", None)
+        if not q or not unit:
+            return "<i>detector: no diffraction calibration in the file (pixels)</i>"
+        text = f"<b>detector</b>: {q:.4g} {unit} per pixel"
+        if self.lattice is not None:
+            g = min(np.linalg.norm(self.lattice.g1), np.linalg.norm(self.lattice.g2)) * q
+            text += f"; shortest reference g = {g:.3g} {unit}"
+            if unit in ("1/nm", "nm^-1", "1/Å", "1/A"):
+                text += f" (d = {1.0 / g:.3g} {unit.replace('1/', '')})"
+        return text
 
     def _numbers_html(self, r: int, c: int) -> str:
         mask = self.session.sample_mask()
@@ -295,6 +314,9 @@ class ProbeInspector(QWidget):
             lines.append(f"<b>ground truth</b>: exx {100 * gt.exx[r, c]:+.2f} %, eyy "
                          f"{100 * gt.eyy[r, c]:+.2f} %, exy {100 * gt.exy[r, c]:+.2f} %, "
                          f"&theta; {gt.theta[r, c]:+.2f}&deg;")
+        cal_line = self._calibration_line()
+        if cal_line:
+            lines.append(cal_line)
         if self.session.results and self.lattice is None and self._lattice_error:
             lines.append(f"<i>no overlay: {self._lattice_error}</i>")
         if mask is not None and not self.session.results:

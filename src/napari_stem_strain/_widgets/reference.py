@@ -11,6 +11,8 @@ from typing import Any
 
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -21,8 +23,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..strain import parse_region
+from ._scroll import make_scrollable
 from ._session import BACKGROUND, SAMPLE, get_session
-from ._workers import notify_error
+from ._workers import Task, notify_error
 
 __all__ = ["ReferenceWidget"]
 
@@ -39,6 +42,7 @@ class ReferenceWidget(QWidget):
 
         ref_box = QGroupBox("Reference region (strain = 0 here)")
         self.region_label = QLabel("open a 4D-STEM file first")
+        self.region_label.setWordWrap(True)
         self.region_edit = QLineEdit()
         self.region_edit.setPlaceholderText("r0:r1,c0:c1")
         self.region_edit.setToolTip("Rows r0..r1-1 and columns c0..c1-1 of the scan; Enter "
@@ -74,21 +78,102 @@ class ReferenceWidget(QWidget):
         mlay.addLayout(r1)
         mlay.addLayout(r2)
         self.mask_label = QLabel("")
+        self.mask_label.setWordWrap(True)  # a long count must not widen the dock
         mlay.addWidget(self.mask_label)
+
+        # virtual detector: the BF disk and ADF annulus the images (and the automatic mask)
+        # come from; 0 = automatic (from the measured direct beam)
+        vd_box = QGroupBox("Virtual detector (detector pixels, 0 = automatic)")
+        vlay = QFormLayout(vd_box)
+        self.bf_radius = QDoubleSpinBox()
+        self.adf_inner = QDoubleSpinBox()
+        self.adf_outer = QDoubleSpinBox()
+        for sb in (self.bf_radius, self.adf_inner, self.adf_outer):
+            sb.setRange(0.0, 10_000.0)
+            sb.setDecimals(1)
+            sb.setSpecialValueText("auto")
+        vlay.addRow("BF radius", self.bf_radius)
+        vlay.addRow("ADF inner radius", self.adf_inner)
+        vlay.addRow("ADF outer radius", self.adf_outer)
+        self.virtual_button = QPushButton("Recompute virtual images")
+        self.virtual_button.setToolTip("One streamed pass over the file; the automatic mask "
+                                       "is refilled from the new images")
+        self.virtual_button.clicked.connect(self.recompute_virtual)
+        vlay.addRow(self.virtual_button)
+        self.virtual_label = QLabel("")
+        self.virtual_label.setWordWrap(True)
+        vlay.addRow(self.virtual_label)
+        self.virtual_task: Task | None = None
 
         outer = QVBoxLayout(self)
         outer.addWidget(ref_box)
         outer.addWidget(mask_box)
+        outer.addWidget(vd_box)
         outer.addStretch(1)
+        make_scrollable(self)
 
         self.session.reference_changed.connect(self._show_region)
         self.session.dataset_changed.connect(self._update)
         self.session.results_changed.connect(self._update_mask_label)
+        self.session.mask_changed.connect(self._update_mask_label)
         if self.session.dataset is not None:
             self.session.ensure_layers()
         self._update()
 
     # ------------------------------------------------------------------------------
+    def _show_detector(self) -> None:
+        vi = self.session.info().get("virtual")
+        if vi is None:
+            self.virtual_label.setText("")
+            return
+        outer = "detector edge" if vi.adf_outer == float("inf") else f"{vi.adf_outer:.1f}"
+        self.virtual_label.setText(
+            f"in use: BF radius {vi.bf_radius:.1f}, ADF {vi.adf_inner:.1f} to {outer} px "
+            f"(direct beam radius {vi.beam_radius:.1f} px)")
+
+    def recompute_virtual(self) -> Task | None:
+        """Recompute the virtual images of the current file with the detector set here."""
+        ds = self.session.dataset
+        if ds is None:
+            notify_error("open a 4D-STEM file first")
+            return None
+        if self.virtual_task is not None and self.virtual_task.running:
+            notify_error("the virtual images are being computed already")
+            return None
+        inner = self.adf_inner.value() or None
+        outer = self.adf_outer.value() or None
+        if inner is not None and outer is not None and outer <= inner:
+            notify_error(f"ADF outer radius {outer:g} must be larger than the inner {inner:g}")
+            return None
+        bf = self.bf_radius.value() or None
+
+        def job(progress: Any, should_stop: Any) -> Any:
+            from ..virtual import virtual_images
+
+            return virtual_images(ds, inner=inner, outer=outer, bf_radius=bf,
+                                  progress=progress, should_stop=should_stop)
+
+        viewer = self.viewer
+
+        def done(vi: Any) -> None:
+            from .._reader import _fill_virtual
+
+            _fill_virtual(ds, vi, viewer=getattr(viewer, "__wrapped__", viewer),
+                          reset_reference=False)
+            self._show_detector()
+            self._update_mask_label()
+
+        self.session.hold(ds)
+        self.virtual_button.setEnabled(False)
+
+        def ended(_status: str) -> None:
+            self.session.release(ds)
+            self.virtual_button.setEnabled(True)
+
+        self.virtual_task = Task(job, "Virtual images", on_done=done, on_end=ended,
+                                 error_prefix="Virtual images failed: ", viewer=viewer)
+        return self.virtual_task
+
     def _update(self) -> None:
         region = self.session.reference_region()
         if region:
@@ -96,6 +181,7 @@ class ReferenceWidget(QWidget):
         elif self.session.dataset is None:
             self.region_label.setText("open a 4D-STEM file first")
         self._update_mask_label()
+        self._show_detector()
 
     def _show_region(self, region: str) -> None:
         rs, cs = parse_region(region)
@@ -139,7 +225,7 @@ class ReferenceWidget(QWidget):
             notify_error("open a 4D-STEM file first")
             return
         try:
-            self.session.fill_mask(_SOURCES[self.source.currentText()])
+            self.session.fill_mask(_SOURCES[self.source.currentText()], undoable=True)
         except ValueError as err:
             notify_error(str(err))
         self._update_mask_label()

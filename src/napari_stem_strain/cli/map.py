@@ -20,21 +20,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         "over the reference region; background positions are NaN.",
     )
     p.add_argument("file", type=Path, help="4D-STEM file (any supported format)")
-    p.add_argument("--method", choices=("ae", "py4dstem", "both"), default="ae")
+    p.add_argument("--method", choices=("ae", "py4dstem", "both"), default="ae",
+                   help="ae = CC-ST-AE, py4dstem = Bragg-disk baseline, both (default: ae)")
     p.add_argument("--reference", metavar="r0:r1,c0:c1",
                    help="reference region in scan pixels (half-open). Default: the simulated "
                    "file's reference grain, else a square deep inside the sample")
     p.add_argument("--out", type=Path, required=True, help="result HDF5 file to write")
     p.add_argument("--model", default="default",
                    help="CC-ST-AE model file (default: the shipped weights)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--dataset", default=None, help="array inside a file holding several")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where CC-ST-AE runs (default: auto = CUDA when torch sees a GPU, "
+                   "else CPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="CC-ST-AE patterns per batch (default: 512 on CPU, 4096 on CUDA)")
+    p.add_argument("--dataset", default=None,
+                   help="array inside a file holding several (default: the largest 4D "
+                   "array; an ambiguous choice is refused, naming the arrays)")
     p.add_argument("--scan-shape", type=int, nargs=2, metavar=("RX", "RY"), default=None,
-                   help="scan shape of a 3D stack of patterns")
+                   help="scan shape of a 3D stack of patterns (default: from the file's "
+                   "metadata or its detector's rule; else the stack is refused)")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
-                   help="run on a Dask cluster: a scheduler address or local:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="run on a Dask cluster: a scheduler address or local:N (default: no "
+                   "cluster, this process)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (default: a progress bar on stderr)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (default: add to it only when it holds "
+                   "results of this same input file, else refuse)")
     p.set_defaults(func=run)
 
 
@@ -53,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stamp = InputStamp.take(args.file)  # the result is refused if the input changes meanwhile
     scan_shape = tuple(args.scan_shape) if args.scan_shape else None
+    if not args.overwrite:  # never mix the maps of two inputs in one file
+        from ..io.results import check_adds_to_own_results
+
+        check_adds_to_own_results(args.out, args.file, hint="choose another --out, or "
+                                  "--overwrite to replace the file")
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
         n_groups = 2 if args.method == "both" else 1
         # per group: 4 maps + A + A_raw (float32) + sample (bool), plus HDF5 overhead
@@ -72,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                                  dask_address=args.dask)
     if stamp is not None:
         stamp.check()
-    write_results(args.out, list(groups.values()))
+    write_results(args.out, list(groups.values()), replace=args.overwrite)
     seconds = time.perf_counter() - t0
     n = ds.scan_shape[0] * ds.scan_shape[1]
     ref = next(iter(groups.values())).reference

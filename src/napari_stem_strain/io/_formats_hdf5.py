@@ -10,6 +10,7 @@ consecutive frames on slicing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -175,28 +176,62 @@ def _arina_frames(path: Path, f: Any) -> tuple[list[Any], list[str]]:
     g = f["entry/data"]
     dsets: list[Any] = []
     files: list[str] = []
-    for key in sorted(k for k in g.keys() if _ARINA_LINK.match(k)):
-        link = g.get(key, getlink=True)
-        target = getattr(link, "filename", None)
-        try:
-            d = g[key]
-        except (KeyError, OSError) as err:
-            what = f"data file {target!r}" if target else f"link {key!r}"
-            raise fail(path, f"Dectris master: {what} is missing or unreadable "
-                       f"({first_line(err)}); keep the *_data_*.h5 files beside the master") \
-                from err
-        if d.ndim != 3:
-            raise fail(path, f"Dectris master: {key} has shape {tuple(d.shape)}, "
-                       "expected (frames, Qx, Qy)")
-        dsets.append(d)
-        if target:
-            files.append(str((path.parent / target).resolve()))
-    if not dsets:
-        raise fail(path, "Dectris master: no data_NNNNNN links under /entry/data")
-    q = {tuple(d.shape[1:]) for d in dsets}
-    if len(q) > 1:
-        raise fail(path, f"Dectris master: data files disagree on the frame shape {sorted(q)}")
+    try:
+        for key in sorted(k for k in g.keys() if _ARINA_LINK.match(k)):
+            link = g.get(key, getlink=True)
+            target = getattr(link, "filename", None)
+            try:
+                # HDF5 itself would also look for a missing data file in the current directory
+                # (another acquisition's frames, silently): data files are beside the master
+                d = _external_dataset(path, link) if target else g[key]
+            except (KeyError, OSError) as err:
+                what = f"data file {target!r}" if target else f"link {key!r}"
+                raise fail(path, f"Dectris master: {what} is missing or unreadable "
+                           f"({first_line(err)}); keep the *_data_*.h5 files beside the "
+                           "master") from err
+            dsets.append(d)
+            if d.ndim != 3:
+                raise fail(path, f"Dectris master: {key} has shape {tuple(d.shape)}, "
+                           "expected (frames, Qx, Qy)")
+            if target:
+                files.append(str((path.parent / target).resolve()))
+        if not dsets:
+            raise fail(path, "Dectris master: no data_NNNNNN links under /entry/data")
+        q = {tuple(d.shape[1:]) for d in dsets}
+        if len(q) > 1:
+            raise fail(path, f"Dectris master: data files disagree on the frame shape "
+                       f"{sorted(q)}")
+    except BaseException:
+        _close_data_files(f, dsets)
+        raise
     return dsets, files
+
+
+def _close_data_files(master: Any, dsets: list[Any]) -> None:
+    for d in dsets:
+        with contextlib.suppress(Exception):
+            if d.file.filename != master.filename:
+                d.file.close()
+
+
+def _external_dataset(master: Path, link: Any) -> Any:
+    """The dataset an external link of ``master`` points to, its file looked up in the
+    master's folder only (an absolute link target is used as written)."""
+    import h5py
+
+    target = Path(link.filename)
+    file = target if target.is_absolute() else master.parent / target
+    if not file.is_file():
+        raise OSError(f"no file {file}")
+    h5 = h5py.File(file, "r")
+    try:
+        d = h5[link.path]
+        if not isinstance(d, h5py.Dataset):
+            raise KeyError(f"{link.path} in {target} is not an array")
+    except BaseException:
+        h5.close()
+        raise
+    return d
 
 
 def _velox_stacks(f: Any) -> list[tuple[str, Any]]:
@@ -231,6 +266,7 @@ def inspect_hdf5(path: Path, f: Any | None = None) -> HDF5Info:
             n = sum(int(d.shape[0]) for d in dsets)
             a = ArrayInfo("/entry/data", (n, *map(int, dsets[0].shape[1:])),
                           np.dtype(dsets[0].dtype), stream=True)
+            _close_data_files(f, dsets)
             return HDF5Info(fmt, [a], {a.name: "arina"})
         if _is_velox(f):
             arrays, kinds = [], {}

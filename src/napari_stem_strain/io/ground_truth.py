@@ -60,6 +60,27 @@ class GroundTruth:
         """The four maps by name (``exx, eyy, exy, theta``)."""
         return {k: getattr(self, k) for k in _MAPS}
 
+    def relative_to(self, region: str | None, mask: np.ndarray | None = None) -> GroundTruth:
+        """The truth as a method's maps are shown: relative to ``region`` (the median over it,
+        as for the methods; needs the true ``A``) and counting only positions in ``mask``
+        (the user's sample mask) - so an MAE measures the method, not the user's choices."""
+        from dataclasses import replace
+
+        from ..strain import strain_maps
+
+        sample = np.asarray(self.sample, bool)
+        if mask is not None and np.shape(mask) == sample.shape:
+            sample = sample & np.asarray(mask, bool)
+        out = replace(self, sample=sample)
+        if region and region != self.reference and self.A is not None:
+            try:
+                m = strain_maps(self.A, region, self.symmetry_deg, mask=self.sample)
+            except ValueError:  # no sample position in the region: keep the file's reference
+                return out
+            out = replace(out, exx=m.exx, eyy=m.eyy, exy=m.exy, theta=m.theta,
+                          reference=region)
+        return out
+
 
 def write_ground_truth(h5: h5py.File | h5py.Group, gt: GroundTruth) -> None:
     """Write ``gt`` into the group ``/ground_truth`` of an open, writable HDF5 file (or under

@@ -378,3 +378,42 @@ def read_results(path: str | os.PathLike) -> dict[str, MethodMaps]:
     if not out:
         raise ResultFileError(f"{path}: holds no method group (/ae, /py4dstem, ...)")
     return out
+
+
+def _same_input(recorded: str, input_file: str | os.PathLike) -> bool:
+    try:
+        if os.path.exists(recorded) and os.path.exists(input_file):
+            return os.path.samefile(recorded, input_file)
+        return Path(recorded).resolve() == Path(input_file).resolve()
+    except (OSError, ValueError):
+        return False
+
+
+def check_adds_to_own_results(path: str | os.PathLike, input_file: str | os.PathLike,
+                              hint: str = "") -> None:
+    """Refuse to add results of ``input_file`` to an existing file ``path`` unless it is a
+    result file of that same input (``write_results`` keeps the groups already there, so a
+    file of another input would silently mix two datasets' maps). ``hint`` ends the message."""
+    path = Path(path)
+    if not path.exists():
+        return
+    recorded: set[str] = set()
+    try:
+        with h5py.File(path, "r") as h5:
+            groups = [g for g in h5.values() if isinstance(g, h5py.Group) and "exx" in g]
+            is_result = bool(groups) or str(h5.attrs.get("layout", "")).startswith(
+                "napari-stem-strain results")
+            recorded = {str(h5.attrs.get("input_file", ""))}
+            recorded |= {str(g.attrs.get("input_file", "")) for g in groups}
+    except OSError:
+        is_result = False
+    tail = f": {hint}" if hint else ""
+    if not is_result:
+        raise ResultFileError(f"{path} exists and is not a napari-stem-strain result file{tail}")
+    recorded.discard("")
+    other = sorted(r for r in recorded if not _same_input(r, input_file))
+    if not recorded:
+        raise ResultFileError(f"{path} records no input file, so its results may be of another "
+                              f"dataset than {input_file}{tail}")
+    if other:
+        raise ResultFileError(f"{path} holds results of {other[0]}, not of {input_file}{tail}")
