@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from .. import __version__
 
@@ -59,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stem-strain: interrupted", file=sys.stderr)
         return 130
     except (DataError, ResultFileError, ValueError, OSError, KeyError) as err:
-        print(f"stem-strain: error: {one_line(err)}", file=sys.stderr)
+        msg = one_line(err)
+        path = getattr(args, "file", None)
+        if path is not None and Path(str(path)).name not in msg:
+            msg = f"{args.command}{_on(args)}: {msg}"  # say which file the refusal is about
+        print(f"stem-strain: error: {msg}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"stem-strain: error: {args.command}{_on(args)}: out of memory", file=sys.stderr)

@@ -133,8 +133,14 @@ class Engine:
               refine_steps: int = REFINE_STEPS, n_disks: int = N_DISKS) -> Engine:
         """Measure geometry and template from ``sample`` patterns ``(M, Qx, Qy)``."""
         geom = measure_geometry(sample)
+        if not (np.isfinite(geom.L) and geom.L > 0 and np.isfinite(geom.r) and geom.r > 0
+                and np.isfinite(geom.c0).all()):
+            raise ValueError("no direct beam and Bragg-disk spacing could be measured in the "
+                             "patterns: is this diffraction data with a lattice?")
         pats = as_patterns(sample)
         centres = beam_centres(pats, geom.c0, geom.r)
+        if not bool(torch.isfinite(centres).all(1).any()):
+            raise ValueError("no direct beam found in the sampled patterns")
         tpl = make_template(pats, centres, geom.r)
         # centres and template depend on each other: re-measure the centres by matching the
         # template, rebuild it, and repeat (see TEMPLATE_PASSES)

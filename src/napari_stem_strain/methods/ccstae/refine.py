@@ -136,6 +136,8 @@ def gather_patches(pats: torch.Tensor, pos: torch.Tensor, off: torch.Tensor
     exceeds half a pixel; callers treat such disks as outside)."""
     B, Q0, Q1 = pats.shape
     h = int(off.abs().max())
+    # a lost position (NaN/inf) reads a valid patch far from it: ``frac`` then marks it outside
+    pos = torch.where(torch.isfinite(pos), pos, torch.full_like(pos, -1e6))
     base = torch.round(pos)
     lo = torch.tensor([h, h], dtype=pos.dtype, device=pos.device)
     hi = torch.tensor([max(h, Q0 - 1 - h), max(h, Q1 - 1 - h)], dtype=pos.dtype,
@@ -462,7 +464,9 @@ def _bilinear_template(pats: torch.Tensor, centres: torch.Tensor, off: torch.Ten
     D = torch.stack([T / scale, torch.ones_like(T), o[:, 0], o[:, 1], -Tr / scale, -Tc / scale],
                     1)
     G = D.T @ D
-    Ginv = torch.linalg.inv(G)
+    Ginv, info = torch.linalg.inv_ex(G)
+    if int(info) != 0 or not bool(torch.isfinite(Ginv).all()):
+        raise ValueError("the direct beam is too small or too flat to build a disk template")
     return (Ginv @ D.T).float(), G.float(), Ginv[0, 0].float()
 
 
@@ -587,7 +591,18 @@ def refine(
             if extra is not None:
                 extra.update(coef=pf["coef8"], cond=pf["cond"], var4=pf["var4"], dfrac=dfrac,
                              ok=ok, A_prev=A, t_prev=t)
-        A, t, rms = affine_update(coef, ok, dfrac, A, t, P, L, h, wts)
+        A_new, t_new, rms = affine_update(coef, ok, dfrac, A, t, P, L, h, wts)
+        # a pattern with no usable disk gives a singular update (NaN): it keeps its previous
+        # transform and counts no disk, so it ends as background rather than poisoning the
+        # next step's pixel indices (seen on a 6-bit Merlin file without a direct beam)
+        lost = ~(torch.isfinite(A_new).flatten(1).all(1) & torch.isfinite(t_new).all(1))
+        lost |= (A_new.flatten(1).abs().amax(1) > 10) | (t_new.abs().amax(1) > 2 * max(Q0, Q1))
+        if bool(lost.any()):
+            A_new = torch.where(lost[:, None, None], A, A_new)
+            t_new = torch.where(lost[:, None], t, t_new)
+            n_ok = torch.where(lost, torch.zeros_like(n_ok), n_ok)
+            rms = torch.where(lost, torch.full_like(rms, float("inf")), rms)
+        A, t = A_new, t_new
     return A, t, n_ok, rms
 
 
