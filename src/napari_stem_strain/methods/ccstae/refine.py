@@ -188,10 +188,9 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     # square roots, so the aperture model describes the intensities only (used through the
     # sqrt, it cost 2x in strain MAE on disks with internal dynamical contrast)
     T = _radial_profile(rho, vals, n, step)
-    T_lin = (pix.radial(n, step) if pix is not None
-             else _radial_profile(rho, vals ** 2, n, step))
+    T_lin = None if pix is not None else _radial_profile(rho, vals ** 2, n, step)
     scale = float(T.max() - T.min())
-    scale_lin = float(T_lin.max() - T_lin.min())
+    scale_lin = 1.0 if T_lin is None else float(T_lin.max() - T_lin.min())
     if not (scale > 0 and scale_lin > 0):
         raise ValueError("the direct beam is flat: cannot build a disk template")
     dT = torch.gradient(T, spacing=step)[0]
@@ -223,13 +222,13 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     tpl.coarse = _bilinear_template(pats, centres, off.to(pats.dtype), h)
     tpl.design = D.float().to(pats.device)
     # the same design for the intensities themselves (Poisson-weighted last step)
-    dT_lin = torch.gradient(T_lin, spacing=step)[0]
-    dT_lin[0] = 0.0
-    lin = DiskTemplate(off, (T_lin / scale_lin).float(), (dT_lin / scale_lin).float(), step,
-                       float(r), *(torch.empty(0),) * 4)
     if pix is not None:
         Tl, glr, glc = pix.evaluate(v)
     else:
+        dT_lin = torch.gradient(T_lin, spacing=step)[0]
+        dT_lin[0] = 0.0
+        lin = DiskTemplate(off, (T_lin / scale_lin).float(), (dT_lin / scale_lin).float(),
+                           step, float(r), *(torch.empty(0),) * 4)
         Tl, glr, glc = (x.double() for x in lin.evaluate(v.float()))
     tpl.design_lin = _design(Tl, glr, glc, v, h).transpose(-1, -2).float().contiguous().to(
         pats.device)
@@ -285,7 +284,10 @@ class PixelModel:
             if best is None or rss < best[0] * (1 - 1e-3):
                 best = (rss, ap, lin)
         _, ap, lin = best
-        return cls(lin / float(lin.max() - lin.min()), step, ap)
+        contrast = float(lin.max() - lin.min())
+        if not contrast > 0:  # a flat beam: the radial profile path refuses it clearly
+            return None
+        return cls(lin / contrast, step, ap)
 
     @staticmethod
     def _subsamples(aperture: float, sub: int, like: torch.Tensor) -> torch.Tensor:
@@ -306,14 +308,6 @@ class PixelModel:
         D.scatter_add_(1, i0, 1 / u.shape[0] - w)
         D.scatter_add_(1, i0 + 1, w)
         return D
-
-    def radial(self, n: int, step: float) -> torch.Tensor:
-        """The profile before pixelation resampled on ``n`` radii ``step`` px apart."""
-        prof = self.profile.double()
-        x = (torch.arange(n, dtype=torch.float64) * step / self.step).clamp(
-            max=len(prof) - 1)
-        i0 = x.floor().long().clamp(max=len(prof) - 2)
-        return torch.lerp(prof[i0], prof[i0 + 1], x - i0)
 
     def evaluate(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pixel-integrated profile and its gradient ``(T, dT/dv0, dT/dv1)`` at ``v``
