@@ -224,6 +224,17 @@ class Task:
                 signal.disconnect(slot)
             except (RuntimeError, TypeError):  # already disconnected or deleted
                 pass
+        self._settle()
+        if not ended:
+            log.warning("%s did not stop within %.0f s of its viewer closing",
+                        self.description, timeout)
+            return False
+        self._call_on_end()
+        return True
+
+    def _settle(self) -> None:
+        """End the run's bookkeeping: a run still marked running was cancelled; its progress
+        bar closes and it leaves the set of running tasks."""
         if self.status == "running":
             self.status = "cancelled"
         try:
@@ -231,16 +242,13 @@ class Task:
         except Exception:  # noqa: BLE001 - closing a bar of a closed viewer
             pass
         _RUNNING.discard(self)
-        if not ended:
-            log.warning("%s did not stop within %.0f s of its viewer closing",
-                        self.description, timeout)
-            return False
+
+    def _call_on_end(self) -> None:
         if self._on_end is not None:
             try:
                 self._on_end(self.status)
             except RuntimeError:  # the dock's widgets were deleted with its viewer
                 pass
-        return True
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
         if self.status != "running" or self._detached:
@@ -302,18 +310,8 @@ class Task:
         if self._showing:  # delivered while the result is being shown: end after it
             self._finish_pending = True
             return
-        if self.status == "running":  # aborted by napari before returning
-            self.status = "cancelled"
-        try:
-            self.pbar.close()
-        except Exception:  # noqa: BLE001 - closing a bar of a closed viewer
-            pass
-        _RUNNING.discard(self)
-        if self._on_end is not None:
-            try:
-                self._on_end(self.status)
-            except RuntimeError:  # the dock was deleted with its viewer
-                pass
+        self._settle()  # still "running" here: aborted by napari before returning
+        self._call_on_end()
 
     def wait(self, timeout: float = 30.0) -> bool:
         """Block (processing Qt events) until the run ended; True when it did."""
