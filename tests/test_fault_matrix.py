@@ -141,24 +141,6 @@ def test_checkpoint_still_resumes_with_weights_only(tmp_path):
 # ------------------------------------------------------------------ the CLI: data loss
 
 
-@pytest.fixture(scope="module")
-def tiny_input(tmp_path_factory) -> Path:
-    from napari_stem_strain.simulate import SimulationSettings, simulate_to_file
-
-    path = tmp_path_factory.mktemp("matrix") / "tiny.h5"
-    simulate_to_file(path, SimulationSettings(scan=(8, 8), pattern=64, seed=1), workers=1)
-    return path
-
-
-def _no_method_may_run(monkeypatch) -> None:
-    from napari_stem_strain import pipeline
-
-    def refuse(*a, **k):
-        raise AssertionError("a method ran although the run was bound to fail")
-
-    monkeypatch.setattr(pipeline, "run_method_on", refuse)
-
-
 def _cli(capsys, *argv: str) -> tuple[int, str]:
     from napari_stem_strain.cli import main
 
@@ -167,8 +149,8 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("how", ["same path", "other spelling", "symlink", "hard link"])
-def test_map_out_naming_the_input_is_refused_before_the_work(tiny_input, tmp_path, monkeypatch,
-                                                             capsys, how):
+def test_map_out_naming_the_input_is_refused_before_the_work(tiny_input, tmp_path, capsys,
+                                                             no_method_may_run, how):
     src = tmp_path / "in.h5"
     src.write_bytes(tiny_input.read_bytes())
     before, ino = sha(src), src.stat().st_ino
@@ -178,7 +160,6 @@ def test_map_out_naming_the_input_is_refused_before_the_work(tiny_input, tmp_pat
         out.symlink_to(src)
     elif how == "hard link":
         out.hardlink_to(src)
-    _no_method_may_run(monkeypatch)
     code, err = _cli(capsys, "map", src, "--method", "py4dstem", "--quiet", "--out", out)
     assert code == 2
     assert_one_line(err, "stem-strain: error:", "input")

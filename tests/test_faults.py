@@ -219,29 +219,10 @@ def test_simulation_to_unwritable_place_fails_before_work(tmp_path):
 # ------------------------------------------------------------------ the CLI, end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_input(tmp_path_factory) -> Path:
-    from napari_stem_strain.simulate import SimulationSettings, simulate_to_file
-
-    path = tmp_path_factory.mktemp("cli") / "tiny.h5"
-    simulate_to_file(path, SimulationSettings(scan=(8, 8), pattern=64, seed=1), workers=1)
-    return path
-
-
-def _no_method_may_run(monkeypatch) -> None:
-    from napari_stem_strain import pipeline
-
-    def refuse(*a, **k):
-        raise AssertionError("a method ran although the run was bound to fail")
-
-    monkeypatch.setattr(pipeline, "run_method_on", refuse)
-
-
-def test_cli_map_to_missing_folder_fails_before_the_work(tiny_input, tmp_path, monkeypatch,
-                                                         capsys):
+def test_cli_map_to_missing_folder_fails_before_the_work(tiny_input, tmp_path, capsys,
+                                                         no_method_may_run):
     from napari_stem_strain.cli import main
 
-    _no_method_may_run(monkeypatch)
     before = _sha(tiny_input)
     code = main(["map", str(tiny_input), "--method", "py4dstem", "--quiet",
                  "--out", str(tmp_path / "nope" / "out.h5")])

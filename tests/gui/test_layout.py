@@ -29,15 +29,21 @@ def test_four_docks_fit_a_1280x800_window(make_napari_viewer, open_scan, tiny_si
     assert canvas.height() >= 560
 
 
-def test_probe_legend_does_not_cover_the_pattern(make_napari_viewer, open_scan, tiny_sim,
-                                                 toy_methods, wait_task):
-    viewer = make_napari_viewer()
+def _probe_after_a_run(viewer, open_scan, tiny_sim, wait_task) -> ProbeInspector:
+    """A probe inspector showing the tiny scan's pattern after a (toy) mapping run."""
     open_scan(viewer, tiny_sim)
     mapping, probe = MappingWidget(viewer), ProbeInspector(viewer)
     for w in (mapping, probe):
         viewer.window.add_dock_widget(w)
     wait_task(mapping.run())
     probe.update_view()
+    return probe
+
+
+def test_probe_legend_does_not_cover_the_pattern(make_napari_viewer, open_scan, tiny_sim,
+                                                 toy_methods, wait_task):
+    viewer = make_napari_viewer()
+    probe = _probe_after_a_run(viewer, open_scan, tiny_sim, wait_task)
     assert probe.overlay, "no predicted disks to label"
     fig = probe.figure
     fig.canvas.draw()
@@ -55,12 +61,7 @@ def test_probe_inspector_states_the_diffraction_calibration(make_napari_viewer, 
     from napari_stem_strain._widgets._session import get_session
 
     viewer = make_napari_viewer()
-    open_scan(viewer, tiny_sim)
-    mapping, probe = MappingWidget(viewer), ProbeInspector(viewer)
-    for w in (mapping, probe):
-        viewer.window.add_dock_widget(w)
-    wait_task(mapping.run())
-    probe.update_view()
+    probe = _probe_after_a_run(viewer, open_scan, tiny_sim, wait_task)
     cal = get_session(viewer).dataset.calibration
     text = probe.numbers.text()
     assert f"{cal.q_pixel_size:.4g} 1/nm per pixel" in text
