@@ -39,12 +39,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
+from render import write_case_file  # benchmarks/validation is on sys.path when run
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from napari_stem_strain.io.ground_truth import GroundTruth, write_ground_truth
+from napari_stem_strain.io.ground_truth import GroundTruth
 from napari_stem_strain.strain import SYMMETRY_DEG, strain_to_A, strain_to_F, wrap_angle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -351,27 +351,18 @@ def make_case(case: Case, force_cache: bool = False) -> Path:
     ref = "0:6,0:6"
     assert (labels[0:6, 0:6] == 0).all() and sample[0:6, 0:6].all(), "reference not in grain 0"
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"{case.name}.h5"
-    tmp = path.with_name(f".{path.name}.tmp")
-    seconds = time.time() - t0
     geo = _geometry(case.physics)
-    with h5py.File(tmp, "w") as h5:
-        h5.create_dataset("data", data=data, chunks=(1, n, Q, Q))
-        gt = GroundTruth(truth["exx"], truth["eyy"], truth["exy"], truth["theta"], sample, sym,
-                         ref, grains=np.where(sample, labels, -1), A=A_true, center=centre,
-                         lattice=case.lattice)
-        write_ground_truth(h5, gt)
-        h5.attrs["validation_case"] = str({**asdict(case), "physics": asdict(case.physics)})
-        h5.attrs["simulator"] = "abTEM multislice (benchmarks/validation/abtem_cases.py)"
-        h5.attrs["generation_seconds"] = float(seconds)
-        h5.attrs["cache_file"] = f"{case.physics.name}_seed{case.seed}.npy"
-        for k, v in geo.items():
-            h5.attrs[k] = float(v)
-        h5.attrs["energy_eV"] = ENERGY
-        h5.attrs["dose_per_pattern"] = float(case.dose)
-        h5.attrs["psf_sigma_px"] = float(case.psf)
-    tmp.replace(path)
-    return path
+    gt = GroundTruth(truth["exx"], truth["eyy"], truth["exy"], truth["theta"], sample, sym, ref,
+                     grains=np.where(sample, labels, -1), A=A_true, center=centre,
+                     lattice=case.lattice)
+    attrs = {"validation_case": str({**asdict(case), "physics": asdict(case.physics)}),
+             "simulator": "abTEM multislice (benchmarks/validation/abtem_cases.py)",
+             "generation_seconds": float(time.time() - t0),
+             "cache_file": f"{case.physics.name}_seed{case.seed}.npy",
+             **{k: float(v) for k, v in geo.items()},
+             "energy_eV": ENERGY, "dose_per_pattern": float(case.dose),
+             "psf_sigma_px": float(case.psf)}
+    return write_case_file(OUT_DIR / f"{case.name}.h5", data, gt, attrs)
 
 
 # --------------------------------------------------------------------------- frame check

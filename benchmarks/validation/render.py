@@ -32,7 +32,7 @@ from scipy import ndimage
 from napari_stem_strain.io.ground_truth import GroundTruth, write_ground_truth
 from napari_stem_strain.strain import SYMMETRY_DEG, strain_to_A, wrap_angle
 
-__all__ = ["Case", "render_case"]
+__all__ = ["Case", "render_case", "write_case_file"]
 
 
 @dataclass(frozen=True)
@@ -194,16 +194,24 @@ def render_case(case: Case, folder: Path) -> Path:
             else:
                 data[i, j] = rng.poisson(p * case.dose)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / case.file_name()
-    tmp = path.with_name(f".{path.name}.tmp")
     ref = f"0:{max(4, n // 5)},0:{max(4, n // 5)}"
+    gt = GroundTruth(truth["exx"], truth["eyy"], truth["exy"], truth["theta"], sample, sym, ref,
+                     grains=np.where(sample, labels, -1), A=A_true, center=cen,
+                     lattice=case.lattice)
+    return write_case_file(folder / case.file_name(), data, gt, {
+        "validation_case": str(asdict(case)),
+        "generation_seconds": round(time.perf_counter() - t0, 1)})
+
+
+def write_case_file(path: Path, data: np.ndarray, truth: GroundTruth, attrs: dict) -> Path:
+    """Write one validation case (4D data at ``/data``, one scan row per chunk; the ground
+    truth at ``/ground_truth``; ``attrs`` on the file) under a temporary name, then rename,
+    so a killed run never leaves a half case that later runs would take as cached."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as h5:
-        h5.create_dataset("data", data=data, chunks=(1, n, Q, Q))
-        gt = GroundTruth(truth["exx"], truth["eyy"], truth["exy"], truth["theta"], sample, sym,
-                         ref, grains=np.where(sample, labels, -1), A=A_true, center=cen,
-                         lattice=case.lattice)
-        write_ground_truth(h5, gt)
-        h5.attrs["validation_case"] = str(asdict(case))
-        h5.attrs["generation_seconds"] = round(time.perf_counter() - t0, 1)
+        h5.create_dataset("data", data=data, chunks=(1, *data.shape[1:]))
+        write_ground_truth(h5, truth)
+        for k, v in attrs.items():
+            h5.attrs[k] = v
     tmp.replace(path)
     return path
