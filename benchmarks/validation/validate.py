@@ -42,6 +42,7 @@ from render import Case, render_case  # noqa: E402
 
 FOLDER = BENCH_DIR / "validation"
 COMPONENTS = ("exx", "eyy", "exy", "theta")
+MAPS = FOLDER / "maps"
 
 #: The cases (renderer: ``render.py``, written apart from the project's simulator). Each names
 #: what it changes from ``Case``'s defaults: area-integrated sharp disks, in-disk gradients and
@@ -138,6 +139,11 @@ def score_case(path: Path, methods: list[str]) -> dict:
             print(path.stem, m, "FAILED", out[m]["failed"], flush=True)
             continue
         t = sc.truth
+        # the raw per-position A, so a change of the strain maths can be re-scored without
+        # re-running the methods (py4DSTEM takes minutes per case)
+        MAPS.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(MAPS / f"{path.stem}_{m}.npz", A=sc.result.A,
+                            sample=sc.result.sample, symmetry_deg=sc.result.symmetry_deg)
         row = dict(sc.table)
         for k in COMPONENTS:
             period = t.symmetry_deg if k == "theta" else None
