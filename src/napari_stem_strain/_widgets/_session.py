@@ -355,13 +355,18 @@ class StrainSession:
     # ----------------------------------------------------------------- mask
     def fill_mask(self, source: str = "virtual", undoable: bool = False) -> None:
         """Fill the mask from the virtual images (``"virtual"``) or from the methods' own
-        sample classification (``"classifier"``: CC-ST-AE's when present). ``undoable``: as
+        sample classification (``"classifier"``: the first registered method's with a result,
+        CC-ST-AE's when present). ``undoable``: as
         one step of the mask layer's undo history (the dock's Fill button)."""
         from ..overlay import mask_from_virtual
 
         layer = self.mask_layer(create=True)
         if source == "classifier":
-            raw = self.raw_results.get("ae") or next(iter(self.raw_results.values()), None)
+            from ..methods import registry
+
+            ranked = [n for n in registry.available() if n in self.raw_results]
+            key = ranked[0] if ranked else next(iter(self.raw_results), None)
+            raw = None if key is None else self.raw_results[key]
             if raw is None:
                 raise ValueError("no method result yet: run a method to use its classifier")
             sample = np.asarray(raw.sample, bool)

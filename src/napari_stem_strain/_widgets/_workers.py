@@ -122,11 +122,11 @@ def failure_message(exc: BaseException) -> str:
 def progress_text(message: str) -> str:
     """A core progress message for people: the method's name, not its key (``ae: 3/48 rows``
     -> ``CC-ST-AE 3/48 rows``)."""
-    from ._layers import METHOD_LABELS
+    from ..methods import registry
 
     key, sep, rest = message.partition(": ")
-    if sep and key in METHOD_LABELS:
-        return f"{METHOD_LABELS[key]} {rest}"
+    if sep and key in registry.available():
+        return f"{registry.label(key)} {rest}"
     return message
 
 
