@@ -31,7 +31,8 @@ from ..io.results import MethodMaps
 from ..strain import format_region, parse_region
 from ._layers import META_KEY, show_results
 
-__all__ = ["StrainSession", "get_session", "REFERENCE_LAYER", "MASK_LAYER", "SAMPLE", "BACKGROUND"]
+__all__ = ["StrainSession", "get_session", "existing_session",
+           "REFERENCE_LAYER", "MASK_LAYER", "SAMPLE", "BACKGROUND"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ MASK_LAYER = "sample mask"
 SAMPLE, BACKGROUND = 1, 2
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def existing_session(viewer: Any) -> StrainSession | None:
+    """The session of ``viewer`` if it has one (never creates one): for adapters such as the
+    reader that act on a session only when the user already works with one."""
+    return _SESSIONS.get(viewer)
 
 
 def get_session(viewer: Any) -> StrainSession:

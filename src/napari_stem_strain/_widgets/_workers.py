@@ -29,9 +29,16 @@ from typing import Any
 
 from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 
-from ..methods.base import Cancelled
+from ..progress import Cancelled
 
-__all__ = ["Task", "notify_error", "notify_info", "running_tasks", "start_worker", "stop_tasks"]
+__all__ = ["Task", "call_soon", "notify_error", "notify_info", "running_tasks", "start_worker",
+           "stop_tasks"]
+
+
+def call_soon(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` on the Qt event loop once the current event is handled (the reader's
+    follow-ups: its layers must be in the viewer first). Qt stays in ``_widgets``."""
+    QTimer.singleShot(0, fn)
 
 log = logging.getLogger(__name__)
 

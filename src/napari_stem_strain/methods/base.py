@@ -5,12 +5,9 @@ A method walks a :class:`~napari_stem_strain.io.dataset.Dataset` in blocks and r
 internal basis; NaN where it could not fit) and a sample mask. Strain always comes from ``A``
 through :mod:`napari_stem_strain.strain`, never from a method's own formula.
 
-Progress and cancel are plain callables so the CLI (a progress bar), the napari worker (yields)
-and dask tasks can all drive the same code:
-
-* ``progress(done, total, message)`` is called after each block;
-* ``should_stop()`` is polled between blocks; when it returns True the method raises
-  :class:`Cancelled`, leaving no partial output behind.
+Progress and cancel follow :mod:`napari_stem_strain.progress` (re-exported here):
+``progress(done, total, message)`` after each block, ``should_stop()`` polled between blocks,
+:class:`Cancelled` raised when it says so.
 
 Per-position state never lives on the method object (LiberTEM's UDF result buffers with
 ``kind='nav'`` are the model): a method *declares* its per-position outputs
@@ -24,7 +21,7 @@ scan size, and the runner needs no knowledge of any method's internals.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,27 +41,14 @@ __all__ = [
     "never_stop",
 ]
 
-ProgressCallback = Callable[[int, int, str], None]
-StopCallback = Callable[[], bool]
-
-
-class Cancelled(Exception):
-    """The user asked a running method to stop."""
-
-
-def no_progress(done: int, total: int, message: str = "") -> None:
-    """Default progress callback: says nothing."""
-
-
-def never_stop() -> bool:
-    """Default stop callback: never asks to stop."""
-    return False
-
-
-def check_stop(should_stop: StopCallback | None) -> None:
-    """Raise :class:`Cancelled` when ``should_stop()`` says so."""
-    if should_stop is not None and should_stop():
-        raise Cancelled("cancelled by the user")
+from ..progress import (
+    Cancelled,
+    ProgressCallback,
+    StopCallback,
+    check_stop,
+    never_stop,
+    no_progress,
+)
 
 
 @dataclass
