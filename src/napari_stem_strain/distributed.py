@@ -353,7 +353,7 @@ def run_method_dask(
     local_processes: bool = True,
     no_worker_timeout: float = 30.0,
     connect_timeout: float = 10.0,
-) -> MethodResult:
+) -> MethodResult | Any:
     """Run ``method`` over ``dataset`` on the dask cluster at ``address``.
 
     ``address`` is ``"tcp://host:port"`` (an existing scheduler) or ``"local:N"`` (a

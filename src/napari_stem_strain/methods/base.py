@@ -70,13 +70,22 @@ class MethodResult:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+#: How the runner combines an output's block values: ``nav`` - per position, each block's
+#: rows written in place (LiberTEM's ``kind='nav'``); ``sum`` / ``max`` - one array of
+#: ``shape`` for the whole scan, block values added / maximised in (``kind='sig'`` with a
+#: merge; a ``sum`` is exact, so order-free, for integer counts in float64).
+KINDS = ("nav", "sum", "max")
+
+
 @dataclass(frozen=True)
 class Output:
-    """One per-position array a method produces: ``(Rx, Ry, *shape)`` of ``dtype``.
+    """One array a method produces: per position ``(Rx, Ry, *shape)`` (``kind="nav"``) or a
+    whole-scan reduction of ``shape`` (``kind="sum"``/``"max"``), of ``dtype``.
 
-    The runner allocates it filled with ``fill``, writes each block's rows into it and hands
-    it to :meth:`BlockMethod.finish`. ``extra=True`` puts it into ``MethodResult.extras``
-    (and so into the result file); ``extra=False`` marks scratch that ``finish`` consumes.
+    The runner allocates it filled with ``fill``, combines each block's value into it and
+    hands it to :meth:`BlockMethod.finish`. ``extra=True`` puts it into
+    ``MethodResult.extras`` (and so into the result file); ``extra=False`` marks scratch that
+    ``finish`` consumes.
     """
 
     name: str
@@ -84,16 +93,32 @@ class Output:
     dtype: str = "float32"
     fill: Any = 0
     extra: bool = False
+    kind: str = "nav"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"output {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
 
     def allocate(self, scan_shape: tuple[int, int]) -> np.ndarray:
         """The whole-scan array, before any block arrived."""
-        return np.full((*scan_shape, *self.shape), self.fill, np.dtype(self.dtype))
+        lead = tuple(scan_shape) if self.kind == "nav" else ()
+        return np.full((*lead, *self.shape), self.fill, np.dtype(self.dtype))
+
+    def combine(self, into: np.ndarray, r0: int, r1: int, value: np.ndarray) -> None:
+        """Put one block's value into the whole-scan array."""
+        if self.kind == "nav":
+            into[r0:r1] = value
+        elif self.kind == "sum":
+            into += value
+        else:
+            np.maximum(into, value, out=into)
 
     def rows(self, value: Any, n: int, Ry: int) -> np.ndarray:
-        """``value`` as this output's rows of a block of ``n`` scan rows, checked, so a method
-        that returns a wrong shape fails at its block rather than as a garbled map."""
+        """``value`` as this output's rows of a block of ``n`` scan rows (its value, for a
+        reduction), checked, so a method that returns a wrong shape fails at its block rather
+        than as a garbled map."""
         arr = np.asarray(value, np.dtype(self.dtype))
-        want = (n, Ry, *self.shape)
+        want = (n, Ry, *self.shape) if self.kind == "nav" else tuple(self.shape)
         if arr.shape != want:
             raise ValueError(f"output {self.name!r}: a block of {n} x {Ry} positions gave shape "
                              f"{arr.shape}, declared {want}")

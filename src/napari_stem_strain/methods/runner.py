@@ -37,15 +37,14 @@ class Assembly:
     def __init__(self, method: BlockMethod, scan_shape: tuple[int, int]) -> None:
         self.declared: tuple[Output, ...] = tuple(method.outputs())
         names = [o.name for o in self.declared]
-        if names[:2] != ["A", "sample"] or len(set(names)) != len(names):
-            raise ValueError(f"{method.name}: outputs must start with 'A', 'sample' and have "
-                             f"unique names, not {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{method.name}: output names must be unique, not {names}")
         self.scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         self.arrays = {o.name: o.allocate(self.scan_shape) for o in self.declared}
 
     def put(self, r0: int, r1: int, rows: Mapping[str, np.ndarray]) -> None:
-        for name, arr in self.arrays.items():
-            arr[r0:r1] = rows[name]
+        for o in self.declared:
+            o.combine(self.arrays[o.name], r0, r1, rows[o.name])
 
 
 def check_inputs(method: BlockMethod, scan_shape: tuple[int, ...]) -> Mapping[str, np.ndarray]:
@@ -75,8 +74,10 @@ def run_method(
     should_stop: StopCallback | None = None,
     block_bytes: int | None = None,
     prepared: bool = False,
-) -> MethodResult:
-    """Prepare ``method`` on ``dataset`` (unless ``prepared``) and stream every block through it.
+) -> MethodResult | Any:
+    """Prepare ``method`` on ``dataset`` (unless ``prepared``) and stream every block through it;
+    returns what ``method.finish`` makes (a :class:`MethodResult` for a strain method, e.g.
+    :class:`~napari_stem_strain.virtual.VirtualImages` for the virtual detectors).
 
     ``progress(done_positions, total_positions, message)`` is called after each block;
     ``should_stop()`` is polled between blocks and raises ``Cancelled``.
