@@ -396,7 +396,7 @@ def run_method_dask(
         finally:
             run.release()
     check_stop(should_stop)
-    return method.finish(out.arrays, time.perf_counter() - t0)
+    return method.finish(out.results(), time.perf_counter() - t0)
 
 
 class _BlockRun:

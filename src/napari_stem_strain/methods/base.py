@@ -73,8 +73,10 @@ class MethodResult:
 #: How the runner combines an output's block values: ``nav`` - per position, each block's
 #: rows written in place (LiberTEM's ``kind='nav'``); ``sum`` / ``max`` - one array of
 #: ``shape`` for the whole scan, block values added / maximised in (``kind='sig'`` with a
-#: merge; a ``sum`` is exact, so order-free, for integer counts in float64).
-KINDS = ("nav", "sum", "max")
+#: merge; a ``sum`` is exact, so order-free, for integer counts in float64); ``cat`` - a
+#: variable number of items ``(m, *shape)`` per block (a sample of positions), concatenated
+#: in scan order whatever order blocks complete in.
+KINDS = ("nav", "sum", "max", "cat")
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,11 @@ class Output:
         if self.kind not in KINDS:
             raise ValueError(f"output {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
 
-    def allocate(self, scan_shape: tuple[int, int]) -> np.ndarray:
-        """The whole-scan array, before any block arrived."""
+    def allocate(self, scan_shape: tuple[int, int]) -> np.ndarray | list:
+        """The whole-scan array, before any block arrived (a list of ``(r0, items)`` for
+        ``cat``, see :meth:`complete`)."""
+        if self.kind == "cat":
+            return []
         lead = tuple(scan_shape) if self.kind == "nav" else ()
         return np.full((*lead, *self.shape), self.fill, np.dtype(self.dtype))
 
@@ -108,6 +113,8 @@ class Output:
         """Put one block's value into the whole-scan array."""
         if self.kind == "nav":
             into[r0:r1] = value
+        elif self.kind == "cat":
+            into.append((r0, value))
         elif self.kind == "sum":
             into += value
         else:
@@ -118,11 +125,25 @@ class Output:
         reduction), checked, so a method that returns a wrong shape fails at its block rather
         than as a garbled map."""
         arr = np.asarray(value, np.dtype(self.dtype))
+        if self.kind == "cat":
+            if arr.shape[1:] != tuple(self.shape):
+                raise ValueError(f"output {self.name!r}: items of shape {arr.shape[1:]}, "
+                                 f"declared {tuple(self.shape)}")
+            return arr
         want = (n, Ry, *self.shape) if self.kind == "nav" else tuple(self.shape)
         if arr.shape != want:
             raise ValueError(f"output {self.name!r}: a block of {n} x {Ry} positions gave shape "
                              f"{arr.shape}, declared {want}")
         return arr
+
+    def complete(self, combined: np.ndarray | list) -> np.ndarray:
+        """The array ``finish`` receives: a ``cat`` output's items in scan order."""
+        if self.kind != "cat":
+            return combined
+        parts = [v for _, v in sorted(combined, key=lambda rv: rv[0])]
+        if not parts:
+            return np.zeros((0, *self.shape), np.dtype(self.dtype))
+        return np.concatenate(parts)
 
     def nbytes_per_position(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize

@@ -42,6 +42,10 @@ class Assembly:
         self.scan_shape = (int(scan_shape[0]), int(scan_shape[1]))
         self.arrays = {o.name: o.allocate(self.scan_shape) for o in self.declared}
 
+    def results(self) -> dict[str, np.ndarray]:
+        """Every output as ``finish`` receives it."""
+        return {o.name: o.complete(self.arrays[o.name]) for o in self.declared}
+
     def put(self, r0: int, r1: int, rows: Mapping[str, np.ndarray]) -> None:
         for o in self.declared:
             o.combine(self.arrays[o.name], r0, r1, rows[o.name])
@@ -96,4 +100,4 @@ def run_method(
         if progress is not None:
             progress(r1 * Ry, total, f"{method.name}: {r1}/{Rx} rows")
     check_stop(should_stop)
-    return method.finish(out.arrays, time.perf_counter() - t0)
+    return method.finish(out.results(), time.perf_counter() - t0)
