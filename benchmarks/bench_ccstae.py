@@ -106,29 +106,39 @@ def unseen(baseline: bool, scan: int = 64) -> tuple[str, dict]:
     return desc + "\n\n" + markdown_table(hdr, rows), raw
 
 
-def speed(n: int = 4096, threads: int = 2) -> dict:
+def speed(n: int = 4096, threads: int = 2, device: str = "cpu") -> dict:
     """Steady-state patterns/s of the mapping path (engine prepared; blocks as the runner
-    hands them out), 128 x 128 patterns."""
+    hands them out), 128 x 128 patterns, on ``device`` (``cpu``, ``cuda`` or ``auto``)."""
     import torch
 
+    from napari_stem_strain.device import resolve_device
     from napari_stem_strain.io.readers import open_dataset
     from napari_stem_strain.methods.ccstae import CCSTAEMethod
 
+    device = resolve_device(device)
     torch.set_num_threads(threads)
     path = get_benchmark_file(0.25)
     with open_dataset(path) as ds:
-        m = CCSTAEMethod("default", device="cpu")
+        m = CCSTAEMethod("default", device=device)
         m.prepare(ds)
         rows = max(1, n // ds.scan_shape[1])
         block = ds.read_rows(0, rows)
-    m.process_block(block[:1], 0)  # warm-up
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    m.process_block(block[:1], 0)  # warm-up (CUDA: kernels, allocator)
+    sync()
     t0 = time.perf_counter()
     m.process_block(block, 0)
+    sync()
     dt = time.perf_counter() - t0
     pps = block.shape[0] * block.shape[1] / dt
-    print(f"speed: {pps:.0f} patterns/s on {threads} threads", flush=True)
-    return {"patterns_per_second": pps, "threads": threads, "n": int(block.shape[0] *
-                                                                      block.shape[1])}
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"{threads} CPU threads"
+    print(f"speed: {pps:.0f} patterns/s on {name}", flush=True)
+    return {"patterns_per_second": pps, "threads": threads, "device": device, "name": name,
+            "n": int(block.shape[0] * block.shape[1])}
 
 
 def _child_map(scan: int) -> None:
@@ -172,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, nargs="*", default=list(NOISE_LEVELS))
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--write", action="store_true", help="write docs/benchmarks.md section")
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="where `speed` runs CC-ST-AE (default: cpu)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     args = ap.parse_args(argv)
     if args.part == "child":
         _child_map(args.scan_arg)
@@ -188,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         text, _ = unseen(base)
         md += ["### Data the shipped weights never saw (after `stem-strain fit`)", text]
     if args.part in ("speed", "all"):
-        sp = speed()
+        sp = speed(threads=args.threads, device=args.device)
         md += ["### Speed", f"Steady-state map throughput, {sp['n']} patterns of 128 x 128 "
-               f"px, `torch.set_num_threads({sp['threads']})`, CPU: "
-               f"**{sp['patterns_per_second']:.0f} patterns/s**."]
+               f"px, `torch.set_num_threads({sp['threads']})`, {sp['device']} "
+               f"({sp['name']}): **{sp['patterns_per_second']:.0f} patterns/s**."]
     if args.part in ("memory", "all"):
         mem = memory()
         a, b = mem[64], mem[256]

@@ -12,4 +12,5 @@ else
 fi
 . .venv/bin/activate
 ruff check src tests benchmarks docs
+lint-imports    # the layering contracts in pyproject.toml [tool.importlinter]
 python -m pytest -p no:cacheprovider "$@"

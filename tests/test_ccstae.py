@@ -416,3 +416,23 @@ def test_train_keeps_its_best_epoch(scan):
     for (name, a), b in zip(model.net.state_dict().items(), again.net.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
+
+
+def test_training_set_collection_runs_through_the_runner(scan):
+    """The collection is a block-contract computation: progress per block, cancel between
+    blocks, and the same set whatever the block size (positions in scan order)."""
+    from napari_stem_strain.methods.base import Cancelled
+    from napari_stem_strain.methods.ccstae.train import TrainingSetCollector
+    from napari_stem_strain.methods.runner import run_method
+
+    ds = Dataset(data=scan[0])
+    eng = Engine.build(new_model(*HEX, n=16, width=4, seed=3), sample_patterns(ds))
+    seen: list[int] = []
+    data = collect_training_set(eng, ds, 32, progress=lambda d, t, m: seen.append(d))
+    assert seen[-1] == 64 and data["x"].shape[0] == 32 and data["A"].shape == (32, 2, 2)
+    with pytest.raises(Cancelled):
+        collect_training_set(eng, ds, 32, should_stop=lambda: True)
+    # one row per block: the same items, concatenated in scan order
+    rows = run_method(TrainingSetCollector(eng, ds.scan_shape, 32, batch=512), ds,
+                      prepared=True, block_bytes=8 * 64 * 64 * 4)
+    assert torch.equal(rows["sample"], data["sample"]) and rows["x"].shape == data["x"].shape

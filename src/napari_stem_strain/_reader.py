@@ -187,12 +187,12 @@ def dataset_layers(ds: Any, ground_truth: Any = None, label: str | None = None,
            "image")
     bf = (bf_data, {**common, "name": f"{label} BF", "colormap": "gray",
                     "metadata": {"stem_strain": info}}, "image")
-    from qtpy.QtCore import QTimer
+    from ._widgets._workers import call_soon
 
     if background:
-        QTimer.singleShot(0, lambda: _virtual_in_background(ds))
+        call_soon(lambda: _virtual_in_background(ds))
     if "units" in common:  # a calibrated scan: show napari's scale bar once the layers are in
-        QTimer.singleShot(0, _show_scale_bar)
+        call_soon(_show_scale_bar)
     return [adf, bf]
 
 
@@ -232,7 +232,7 @@ def _fill_virtual(ds: Any, vi: Any, viewer: Any = None, reset_reference: bool = 
     ``reset_reference``, the default reference rectangle)."""
     import napari
 
-    from ._widgets._session import _SESSIONS
+    from ._widgets._session import existing_session
 
     viewer = viewer if viewer is not None else napari.current_viewer()
     if viewer is None:
@@ -248,7 +248,7 @@ def _fill_virtual(ds: Any, vi: Any, viewer: Any = None, reset_reference: bool = 
         elif info.get("kind") == "ADF":
             layer.data = vi.dark_field
             layer.reset_contrast_limits()
-    session = _SESSIONS.get(viewer)
+    session = existing_session(viewer)
     if session is not None and session.dataset is ds:
         session.fill_mask("virtual")
         if reset_reference:

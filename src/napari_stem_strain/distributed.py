@@ -10,9 +10,13 @@ does, only the ``process_block`` calls run on dask workers:
 3. the scan is split into blocks of whole rows; each task receives only ``(path, dataset name,
    r0, r1)``, opens the file itself (read-only, cached per worker process) and reads its own
    rows - the patterns never travel through the client;
-4. the small ``(A, sample)`` of each block comes back (with the block's rows of any
-   per-position array the method keeps on itself, see :func:`_per_position_rows`), is
-   assembled in scan order, and ``method.finish`` runs on the client.
+4. each block's rows of the method's declared outputs (``A``, ``sample`` and whatever else
+   it declares, see :class:`~napari_stem_strain.methods.base.Output`) come back and are
+   assembled by the same :class:`~napari_stem_strain.methods.runner.Assembly` as in one
+   process; ``method.finish`` runs on the client. The scattered method is
+   :meth:`~napari_stem_strain.methods.base.BlockMethod.for_workers` - frozen, without
+   per-position state, so its size does not grow with the scan; the rows of per-position
+   inputs (a sample mask) travel with each task.
 
 Because a block's result does not depend on other blocks (the BlockMethod contract), the
 result is identical to the single-process runner's.
@@ -53,7 +57,9 @@ from .methods.base import (
     ProgressCallback,
     StopCallback,
     check_stop,
+    input_rows,
 )
+from .methods.runner import Assembly, check_inputs, run_block
 
 __all__ = ["run_method_dask", "ClusterError", "DatasetRef", "parse_address", "probe_scheduler",
            "block_ranges"]
@@ -271,11 +277,13 @@ def _worker_dataset(ref: DatasetRef) -> Dataset:
         return ds
 
 
-_Out = tuple[int, int, np.ndarray, np.ndarray, dict[str, np.ndarray]]
+_Out = tuple[int, int, dict[str, np.ndarray]]
 
 
-def _block_from_file(method: BlockMethod, ref: DatasetRef, r0: int, r1: int) -> _Out:
-    """One task: read rows ``r0:r1`` on the worker and run the method on them.
+def _block_from_file(method: BlockMethod, ref: DatasetRef, r0: int, r1: int,
+                     inputs: dict[str, np.ndarray]) -> _Out:
+    """One task: read rows ``r0:r1`` on the worker and run the method on them (``inputs``:
+    the block's rows of the method's per-position inputs, sent with the task).
 
     Opening and reading run under dask's local threaded scheduler: inside a task, a plain
     ``.compute()`` (a lazy reader probing its file, a dask-backed dataset) would otherwise be
@@ -285,46 +293,13 @@ def _block_from_file(method: BlockMethod, ref: DatasetRef, r0: int, r1: int) -> 
 
     with dask.config.set(scheduler="threads"):
         block = _worker_dataset(ref).read_rows(r0, r1)  # h5py serialises reads itself
-    return _process(method, block, r0, r1, ref.shape[:2])
+    return r0, r1, run_block(method, block, r0, inputs)
 
 
 def _block_from_array(method: BlockMethod, block: np.ndarray, r0: int, r1: int,
-                      scan_shape: tuple[int, int]) -> _Out:
+                      inputs: dict[str, np.ndarray]) -> _Out:
     """One task of an in-memory dataset: the block arrives with the task."""
-    return _process(method, np.asarray(block, np.float32), r0, r1, scan_shape)
-
-
-def _process(method: BlockMethod, block: np.ndarray, r0: int, r1: int,
-             scan_shape: tuple[int, ...]) -> _Out:
-    a, s = method.process_block(block, r0)
-    return r0, r1, np.asarray(a, np.float32), np.asarray(s, bool), \
-        _per_position_rows(method, r0, r1, scan_shape)
-
-
-def _per_position_rows(method: BlockMethod, r0: int, r1: int,
-                       scan_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Rows ``r0:r1`` of every per-position array the method keeps on itself.
-
-    A method may record per-position side results in an attribute of shape ``(Rx, Ry, ...)``
-    while it processes a block (CC-ST-AE keeps its class probability so, for
-    ``MethodResult.extras``). On a worker that attribute lives on the worker's copy, so the
-    block's rows travel back with the block and :func:`_apply_rows` writes them into the
-    client's copy before ``finish`` - the result then equals the single-process one, extras
-    included.
-    """
-    Rx, Ry = int(scan_shape[0]), int(scan_shape[1])
-    out = {}
-    for k, v in vars(method).items():
-        if isinstance(v, np.ndarray) and v.ndim >= 2 and v.shape[:2] == (Rx, Ry):
-            out[k] = np.array(v[r0:r1])
-    return out
-
-
-def _apply_rows(method: BlockMethod, rows: dict[str, np.ndarray], r0: int, r1: int) -> None:
-    for k, v in rows.items():
-        cur = getattr(method, k, None)
-        if isinstance(cur, np.ndarray) and cur[r0:r1].shape == v.shape and cur.flags.writeable:
-            cur[r0:r1] = v
+    return r0, r1, run_block(method, np.asarray(block, np.float32), r0, inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +353,7 @@ def run_method_dask(
     local_processes: bool = True,
     no_worker_timeout: float = 30.0,
     connect_timeout: float = 10.0,
-) -> MethodResult:
+) -> MethodResult | Any:
     """Run ``method`` over ``dataset`` on the dask cluster at ``address``.
 
     ``address`` is ``"tcp://host:port"`` (an existing scheduler) or ``"local:N"`` (a
@@ -399,8 +374,8 @@ def run_method_dask(
     check_stop(should_stop)
     Rx, Ry = dataset.scan_shape
     total = Rx * Ry
-    A = np.full((Rx, Ry, 2, 2), np.nan, np.float32)
-    sample = np.zeros((Rx, Ry), bool)
+    inputs = check_inputs(method, (Rx, Ry))
+    out = Assembly(method, (Rx, Ry))
     ref = DatasetRef.from_dataset(dataset)
     budget = block_bytes or method.block_bytes
 
@@ -408,14 +383,12 @@ def run_method_dask(
         n_workers = _wait_for_workers(client, address, no_worker_timeout, should_stop,
                                       "has no workers")
         blocks = block_ranges(Rx, _rows_for(dataset, budget, n_workers))
-        run = _BlockRun(client, method, dataset, ref, retries, address, no_worker_timeout,
-                        should_stop)
+        run = _BlockRun(client, method, dataset, ref, inputs, retries, address,
+                        no_worker_timeout, should_stop)
         try:
             done_rows = 0
-            for i, (r0, r1, a, s, rows) in enumerate(run.results(blocks, n_workers), 1):
-                A[r0:r1] = a
-                sample[r0:r1] = s
-                _apply_rows(method, rows, r0, r1)
+            for i, (r0, r1, rows) in enumerate(run.results(blocks, n_workers), 1):
+                out.put(r0, r1, rows)
                 done_rows += r1 - r0
                 if progress is not None:
                     progress(done_rows * Ry, total,
@@ -423,7 +396,7 @@ def run_method_dask(
         finally:
             run.release()
     check_stop(should_stop)
-    return method.finish(A, sample, time.perf_counter() - t0)
+    return method.finish(out.results(), time.perf_counter() - t0)
 
 
 class _BlockRun:
@@ -432,10 +405,11 @@ class _BlockRun:
     are resubmitted with a freshly scattered method, up to ``retries + 1`` times each."""
 
     def __init__(self, client: Any, method: BlockMethod, dataset: Any, ref: DatasetRef | None,
-                 retries: int, address: str, no_worker_timeout: float,
-                 should_stop: StopCallback | None) -> None:
+                 inputs: dict[str, np.ndarray], retries: int, address: str,
+                 no_worker_timeout: float, should_stop: StopCallback | None) -> None:
         self.client = client
-        self.method = method
+        self.method = method.for_workers()
+        self.inputs = inputs
         self.dataset = dataset
         self.ref = ref
         self.retries = max(0, int(retries))
@@ -479,16 +453,17 @@ class _BlockRun:
             self.method_f = self._scatter()
         if self.ref is not None:
             fut = self.client.submit(_block_from_file, self.method_f, self.ref, r0, r1,
+                                     input_rows(self.inputs, r0, r1),
                                      retries=self.retries, pure=False)
         else:
             fut = self.client.submit(_block_from_array, self.method_f,
                                      self.dataset.read_rows(r0, r1), r0, r1,
-                                     tuple(self.dataset.scan_shape),
+                                     input_rows(self.inputs, r0, r1),
                                      retries=self.retries, pure=False)
         self.pending[fut] = (r0, r1, self.method_f)
 
     def results(self, blocks: list[tuple[int, int]], n_workers: int) -> Iterator[_Out]:
-        """``(r0, r1, A, sample, per-position rows)`` of every block, in completion order."""
+        """``(r0, r1, rows of every declared output)`` of every block, in completion order."""
         from distributed import wait
         from distributed.scheduler import KilledWorker
 

@@ -13,10 +13,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_maps", "symmetric_limit", "NAN_COLOUR", "METHOD_LABELS"]
+__all__ = ["plot_maps", "symmetric_limit", "NAN_COLOUR", "method_label"]
 
 #: How the methods are named for people (figures, the plugin's layers and tables).
-METHOD_LABELS = {"ae": "CC-ST-AE", "py4dstem": "py4DSTEM"}
+def method_label(name: str) -> str:
+    """The name people read for a method (the registry's label)."""
+    from .methods.registry import label
+
+    return label(name)
 
 #: Blank positions (NaN: vacuum, background, not fitted) - a neutral grey, far from the white
 #: of zero strain in the diverging colormap (the napari maps use it too).
@@ -51,7 +55,7 @@ def plot_maps(groups: dict[str, Any], path: str | Path, truth: Any = None,
         t = {c: np.where(truth.sample, getattr(truth, c), np.nan) for c, _, _ in _COMPONENTS}
         rows.append(("ground truth", t))
     for name, g in groups.items():
-        rows.append((METHOD_LABELS.get(name, name),
+        rows.append((method_label(name),
                      {c: getattr(g.maps, c) for c, _, _ in _COMPONENTS}))
     fig, axes = plt.subplots(len(rows), 4, figsize=(13, 3.1 * len(rows)), squeeze=False,
                              constrained_layout=True)

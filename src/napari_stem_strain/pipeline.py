@@ -16,7 +16,7 @@ from .methods.base import BlockMethod, MethodResult, ProgressCallback, StopCallb
 from .strain import check_region, format_region
 
 __all__ = [
-    "METHODS",
+    "expand_methods",
     "make_method",
     "run_method_on",
     "run_methods",
@@ -24,18 +24,22 @@ __all__ = [
     "compare_to_truth",
 ]
 
-#: Method names accepted by :func:`run_methods` (``both`` expands to all of them).
-METHODS = ("ae", "py4dstem")
-
-
 def expand_methods(methods: str | Sequence[str]) -> list[str]:
-    """``"both"`` -> every method; validate names with a plain message."""
+    """``"both"`` -> the default methods (the two shipped ones), ``"all"`` -> every registered
+    method (:mod:`~napari_stem_strain.methods.registry`); validate names with a plain
+    message."""
+    from .methods import registry
+
     if isinstance(methods, str):
-        methods = list(METHODS) if methods == "both" else [methods]
+        if methods == "both":
+            return registry.default_names()
+        methods = list(registry.available()) if methods == "all" else [methods]
+    known = registry.available()
     out = []
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}: choose from {', '.join(METHODS)} or both")
+        if m not in known:
+            raise ValueError(f"unknown method {m!r}: choose from {', '.join(known)}, both "
+                             "or all")
         out.append(m)
     return out
 
@@ -49,17 +53,12 @@ def make_method(
     sample_mask: np.ndarray | None = None,
     reference: str | None = None,
 ) -> BlockMethod:
-    """Build a method object by name (imports the heavy method modules lazily)."""
-    if name == "ae":
-        from .methods.ccstae import CCSTAEMethod
+    """Build a method object by its registry name (imports the heavy method modules lazily);
+    each method receives the options its registry entry lists."""
+    from .methods import registry
 
-        return CCSTAEMethod(model=model, device=device, batch_size=batch_size,
-                            sample_mask=sample_mask, reference=reference)
-    if name == "py4dstem":
-        from .methods.py4dstem import Py4DSTEMMethod
-
-        return Py4DSTEMMethod(sample_mask=sample_mask, reference=reference)
-    raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+    return registry.get(name).make(model=model, device=device, batch_size=batch_size,
+                                   sample_mask=sample_mask, reference=reference)
 
 
 def run_method_on(
@@ -105,7 +104,7 @@ def default_reference(sample: np.ndarray, size: int | None = None) -> str:
 
 def run_methods(
     dataset: Any,
-    methods: str | Sequence[str] = ("ae", "py4dstem"),
+    methods: str | Sequence[str] = "both",
     reference: str | None = None,
     sample_mask: np.ndarray | None = None,
     model: Any = None,

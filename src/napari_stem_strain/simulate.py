@@ -614,8 +614,8 @@ def iter_blocks(
     """Yield ``(r0, r1, patterns)`` for consecutive blocks of scan rows, in order, rendered by
     ``workers`` threads (numpy releases the GIL in the heavy loops) with at most a couple of
     blocks per thread in flight, so memory stays bounded. ``should_stop`` is polled before
-    each block is handed out and raises :class:`~napari_stem_strain.methods.base.Cancelled`."""
-    from .methods.base import check_stop
+    each block is handed out and raises :class:`~napari_stem_strain.progress.Cancelled`."""
+    from .progress import check_stop
 
     Rx = sim.settings.scan[0]
     step = _rows_per_block(sim.settings)
@@ -681,7 +681,7 @@ def simulate_to_file(
     ``should_stop()`` is polled between blocks and raises ``Cancelled``.
     """
     from .io.results import check_writable
-    from .methods.base import check_stop
+    from .progress import check_stop
 
     s = (settings or SimulationSettings()).resolved()
     path = Path(path)

@@ -11,15 +11,19 @@ the second (column, ``Qy``), in pixels from the first pixel's centre.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from .methods.base import ProgressCallback, StopCallback, check_stop
+from .io.dataset import DEFAULT_BLOCK_BYTES
+from .methods.base import BlockMethod, Output
+from .progress import ProgressCallback, StopCallback, check_stop
 
-__all__ = ["VirtualImages", "virtual_images", "find_direct_beam", "disk_mask", "annulus_mask"]
+__all__ = ["VirtualDetectors", "VirtualImages", "virtual_images", "find_direct_beam",
+           "disk_mask", "annulus_mask"]
 
 #: The bright-field disk is this many beam radii wide (room for a little descan).
 BF_FACTOR = 1.1
@@ -144,6 +148,109 @@ def _sample_rows(Rx: int, Ry: int, pattern_px: int, budget_bytes: int = 32 * 2**
     return sorted({int(round(v)) for v in np.linspace(0, Rx - 1, n)})
 
 
+class VirtualDetectors(BlockMethod):
+    """Virtual bright field, annular dark field, mean and max patterns as a per-position
+    computation of the block contract (LiberTEM's ``ApplyMasksUDF``): one streaming path with
+    the strain maps, so it runs in one process or on dask, with progress, cancel and the
+    read-error wrapping of the runner.
+
+    :meth:`prepare` measures the direct beam on a few sampled rows and fixes the detector
+    masks; each block then gives its rows of the two images and its share of the pattern
+    sum (float64: exact for counts, so the sum does not depend on how the scan was cut) and
+    maximum; :meth:`finish` measures the beam again on the mean pattern."""
+
+    name = "virtual images"
+    block_bytes = DEFAULT_BLOCK_BYTES
+    #: patterns per matrix product inside a block (bounds the float64 copy)
+    CHUNK = 1024
+
+    def __init__(self, inner: float | None = None, outer: float | None = None,
+                 bf_radius: float | None = None) -> None:
+        self.inner, self.outer, self.bf_radius = inner, outer, bf_radius
+        self.geometry: dict[str, Any] | None = None
+        self.masks: np.ndarray | None = None
+
+    def prepare(self, dataset: Any, progress: ProgressCallback | None = None,
+                should_stop: StopCallback | None = None) -> None:
+        Rx, Ry, Qx, Qy = (int(v) for v in dataset.shape)
+        check_stop(should_stop)
+        if progress is not None:
+            progress(0, Rx * Ry, "virtual images: locating the direct beam")
+        # 1. direct beam from a small sample of rows (a few MB, not a pass over the data)
+        acc = np.zeros((Qx, Qy), np.float64)
+        count = 0
+        for r in _sample_rows(Rx, Ry, Qx * Qy):
+            rows = dataset.read_rows(r, r + 1)
+            acc += rows.sum(axis=(0, 1), dtype=np.float64)
+            count += rows.shape[0] * rows.shape[1]
+            check_stop(should_stop)
+        cx, cy, radius = find_direct_beam(acc / max(count, 1))
+        beam_r = radius if radius > 0 else min(Qx, Qy) / 8.0
+        centre = (cx, cy)
+        r_bf = float(self.bf_radius) if self.bf_radius is not None else BF_FACTOR * beam_r
+        r_in = float(self.inner) if self.inner is not None else ADF_FACTOR * beam_r
+        if self.outer is not None:
+            r_out = float(self.outer)
+        else:
+            edge = min(cx + 0.5, Qx - 0.5 - cx, cy + 0.5, Qy - 0.5 - cy)
+            r_out = float(edge) if edge > r_in else float("inf")
+        if r_out <= r_in:
+            raise ValueError(f"the dark-field annulus is empty: inner {r_in:g} >= outer "
+                             f"{r_out:g} px")
+        ring = annulus_mask((Qx, Qy), centre, r_in, r_out)
+        if not ring.any() and self.inner is None and self.outer is None:
+            # a detector too small for an annulus at 2 R (e.g. 8x8 simulations): all outside BF
+            r_in, r_out = r_bf, float("inf")
+            ring = annulus_mask((Qx, Qy), centre, r_in, r_out)
+        masks = np.stack([disk_mask((Qx, Qy), centre, r_bf).ravel(), ring.ravel()], axis=1)
+        self.masks = masks.astype(np.float64)
+        self.geometry = {"bf_radius": r_bf, "adf_inner": r_in, "adf_outer": r_out,
+                         "mask_centre": (float(cx), float(cy)), "pattern_shape": (Qx, Qy)}
+
+    def outputs(self) -> tuple[Output, ...]:
+        shape = self._geometry()["pattern_shape"]
+        return (Output("bright_field", (), "float32", 0.0),
+                Output("dark_field", (), "float32", 0.0),
+                Output("pattern_sum", shape, "float64", 0.0, kind="sum"),
+                Output("pattern_max", shape, "float32", -np.inf, kind="max"))
+
+    def process_block(self, block: np.ndarray, r0: int) -> dict[str, np.ndarray]:
+        n, Ry, Qx, Qy = block.shape
+        flat = block.reshape(n * Ry, Qx * Qy)
+        vals = np.empty((n * Ry, 2), np.float64)
+        # float64 sums of each pattern's masked pixels: exact for counts, so a position's
+        # value does not depend on how many patterns share its matrix product
+        for i in range(0, len(flat), self.CHUNK):
+            vals[i:i + self.CHUNK] = flat[i:i + self.CHUNK].astype(np.float64) @ self.masks
+        return {"bright_field": vals[:, 0].reshape(n, Ry),
+                "dark_field": vals[:, 1].reshape(n, Ry),
+                "pattern_sum": flat.sum(axis=0, dtype=np.float64).reshape(Qx, Qy),
+                "pattern_max": flat.max(axis=0).reshape(Qx, Qy)}
+
+    def finish(self, out: Mapping[str, np.ndarray], seconds: float) -> VirtualImages:
+        g = self._geometry()
+        total = out["bright_field"].size
+        mean = (out["pattern_sum"] / max(total, 1)).astype(np.float32)
+        mcx, mcy, mr = find_direct_beam(mean)
+        return VirtualImages(
+            bright_field=out["bright_field"],
+            dark_field=out["dark_field"],
+            mean_pattern=mean,
+            max_pattern=out["pattern_max"],
+            beam_radius=float(mr),
+            centre=(float(mcx), float(mcy)),
+            bf_radius=g["bf_radius"],
+            adf_inner=g["adf_inner"],
+            adf_outer=g["adf_outer"],
+            mask_centre=g["mask_centre"],
+        )
+
+    def _geometry(self) -> dict[str, Any]:
+        if self.geometry is None:
+            raise RuntimeError("VirtualDetectors.prepare() must run first")
+        return self.geometry
+
+
 def virtual_images(
     ds: Any,
     inner: float | None = None,
@@ -152,79 +259,26 @@ def virtual_images(
     should_stop: StopCallback | None = None,
     bf_radius: float | None = None,
     max_bytes: int | None = None,
+    dask_address: str | None = None,
 ) -> VirtualImages:
-    """Virtual bright field, annular dark field, mean and max patterns of ``ds`` in one pass.
+    """Virtual bright field, annular dark field, mean and max patterns of ``ds`` in one pass
+    (:class:`VirtualDetectors` through the runner; on the dask cluster at ``dask_address``
+    when given).
 
     The direct beam (centre, radius ``R``) is first measured on the mean of a few sampled scan
     rows. Bright field: sum inside ``bf_radius`` (default ``1.1 R``) of that centre. Annular
     dark field: ``inner < r <= outer`` with ``inner`` default ``2 R`` and ``outer`` default the
     largest full circle on the detector (out to the detector edge when that is inside
     ``inner``). ``progress(done, total, message)`` is called after each block; ``should_stop()``
-    is polled between blocks and raises :class:`~napari_stem_strain.methods.base.Cancelled`.
+    is polled between blocks and raises :class:`~napari_stem_strain.progress.Cancelled`.
     """
-    Rx, Ry, Qx, Qy = (int(v) for v in ds.shape)
-    total = Rx * Ry
-    check_stop(should_stop)
-    if progress is not None:
-        progress(0, total, "virtual images: locating the direct beam")
+    method = VirtualDetectors(inner=inner, outer=outer, bf_radius=bf_radius)
+    if dask_address:
+        from .distributed import run_method_dask
 
-    # 1. direct beam from a small sample of rows (a few MB, not a pass over the data)
-    acc = np.zeros((Qx, Qy), np.float64)
-    count = 0
-    for r in _sample_rows(Rx, Ry, Qx * Qy):
-        rows = ds.read_rows(r, r + 1)
-        acc += rows.sum(axis=(0, 1), dtype=np.float64)
-        count += rows.shape[0] * rows.shape[1]
-        check_stop(should_stop)
-    cx, cy, radius = find_direct_beam(acc / max(count, 1))
-    beam_r = radius if radius > 0 else min(Qx, Qy) / 8.0
-    centre = (cx, cy)
-    r_bf = float(bf_radius) if bf_radius is not None else BF_FACTOR * beam_r
-    r_in = float(inner) if inner is not None else ADF_FACTOR * beam_r
-    if outer is not None:
-        r_out = float(outer)
-    else:
-        edge = min(cx + 0.5, Qx - 0.5 - cx, cy + 0.5, Qy - 0.5 - cy)
-        r_out = float(edge) if edge > r_in else float("inf")
-    if r_out <= r_in:
-        raise ValueError(f"the dark-field annulus is empty: inner {r_in:g} >= outer {r_out:g} px")
-    ring = annulus_mask((Qx, Qy), centre, r_in, r_out)
-    if not ring.any() and inner is None and outer is None:
-        # a detector too small for an annulus at 2 R (e.g. 8x8 simulations): all outside BF
-        r_in, r_out = r_bf, float("inf")
-        ring = annulus_mask((Qx, Qy), centre, r_in, r_out)
-    masks = np.stack([disk_mask((Qx, Qy), centre, r_bf).ravel(), ring.ravel()], axis=1)
-    masks = masks.astype(np.float32)
+        return run_method_dask(method, ds, dask_address, progress=progress,
+                               should_stop=should_stop, block_bytes=max_bytes)
+    from .methods.runner import run_method
 
-    # 2. one streaming pass
-    bf = np.zeros((Rx, Ry), np.float32)
-    adf = np.zeros((Rx, Ry), np.float32)
-    psum = np.zeros((Qx, Qy), np.float64)
-    pmax = np.full((Qx, Qy), -np.inf, np.float32)
-    kw = {} if max_bytes is None else {"max_bytes": int(max_bytes)}
-    for r0, r1, block in ds.iter_blocks(**kw):
-        check_stop(should_stop)
-        flat = block.reshape((r1 - r0) * Ry, Qx * Qy)
-        vals = flat @ masks
-        bf[r0:r1] = vals[:, 0].reshape(r1 - r0, Ry)
-        adf[r0:r1] = vals[:, 1].reshape(r1 - r0, Ry)
-        # BLAS sums one block in float32 (a few thousand patterns), blocks add up in float64
-        psum += (np.ones(flat.shape[0], np.float32) @ flat).reshape(Qx, Qy)
-        np.maximum(pmax, flat.max(axis=0).reshape(Qx, Qy), out=pmax)
-        if progress is not None:
-            progress(r1 * Ry, total, f"virtual images: {r1}/{Rx} rows")
-    check_stop(should_stop)
-    mean = (psum / max(total, 1)).astype(np.float32)
-    mcx, mcy, mr = find_direct_beam(mean)
-    return VirtualImages(
-        bright_field=bf,
-        dark_field=adf,
-        mean_pattern=mean,
-        max_pattern=pmax,
-        beam_radius=float(mr),
-        centre=(float(mcx), float(mcy)),
-        bf_radius=r_bf,
-        adf_inner=r_in,
-        adf_outer=r_out,
-        mask_centre=(float(cx), float(cy)),
-    )
+    return run_method(method, ds, progress=progress, should_stop=should_stop,
+                      block_bytes=max_bytes)

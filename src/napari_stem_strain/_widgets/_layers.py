@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from ..figures import METHOD_LABELS, symmetric_limit
+from ..figures import symmetric_limit
 from ..io.results import MAP_NAMES, MethodMaps
+from ..methods import registry
 
 __all__ = [
     "META_KEY",
-    "METHOD_LABELS",
-    "METHOD_COLOURS",
+    "method_label",
+    "method_colour",
     "MAP_UNITS",
     "map_layer_name",
     "strain_colormap",
@@ -28,19 +29,19 @@ __all__ = [
 #: Key of the plugin's entry in ``layer.metadata``.
 META_KEY = "stem_strain"
 
-#: One colour per method, shared by overlay points, histograms and table.
-METHOD_COLOURS = {"ae": "#ff8c1a", "py4dstem": "#20c8ff"}
 #: (display unit, factor from the file's unit)
 MAP_UNITS = {"exx": ("%", 100.0), "eyy": ("%", 100.0), "exy": ("%", 100.0),
              "theta": ("deg", 1.0)}
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """The registry's label of ``method`` (its key when unknown)."""
+    return registry.label(method)
 
 
 def method_colour(method: str) -> str:
-    return METHOD_COLOURS.get(method, "#ff40ff")
+    """One colour per method (the registry's), shared by overlay points, histograms, table."""
+    return registry.colour(method)
 
 
 def map_layer_name(method: str, comp: str) -> str:

@@ -31,7 +31,8 @@ from ..io.results import MethodMaps
 from ..strain import format_region, parse_region
 from ._layers import META_KEY, show_results
 
-__all__ = ["StrainSession", "get_session", "REFERENCE_LAYER", "MASK_LAYER", "SAMPLE", "BACKGROUND"]
+__all__ = ["StrainSession", "get_session", "existing_session",
+           "REFERENCE_LAYER", "MASK_LAYER", "SAMPLE", "BACKGROUND"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ MASK_LAYER = "sample mask"
 SAMPLE, BACKGROUND = 1, 2
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def existing_session(viewer: Any) -> StrainSession | None:
+    """The session of ``viewer`` if it has one (never creates one): for adapters such as the
+    reader that act on a session only when the user already works with one."""
+    return _SESSIONS.get(viewer)
 
 
 def get_session(viewer: Any) -> StrainSession:
@@ -355,13 +362,18 @@ class StrainSession:
     # ----------------------------------------------------------------- mask
     def fill_mask(self, source: str = "virtual", undoable: bool = False) -> None:
         """Fill the mask from the virtual images (``"virtual"``) or from the methods' own
-        sample classification (``"classifier"``: CC-ST-AE's when present). ``undoable``: as
+        sample classification (``"classifier"``: the first registered method's with a result,
+        CC-ST-AE's when present). ``undoable``: as
         one step of the mask layer's undo history (the dock's Fill button)."""
         from ..overlay import mask_from_virtual
 
         layer = self.mask_layer(create=True)
         if source == "classifier":
-            raw = self.raw_results.get("ae") or next(iter(self.raw_results.values()), None)
+            from ..methods import registry
+
+            ranked = [n for n in registry.available() if n in self.raw_results]
+            key = ranked[0] if ranked else next(iter(self.raw_results), None)
+            raw = None if key is None else self.raw_results[key]
             if raw is None:
                 raise ValueError("no method result yet: run a method to use its classifier")
             sample = np.asarray(raw.sample, bool)

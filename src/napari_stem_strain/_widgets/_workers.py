@@ -29,9 +29,16 @@ from typing import Any
 
 from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 
-from ..methods.base import Cancelled
+from ..progress import Cancelled
 
-__all__ = ["Task", "notify_error", "notify_info", "running_tasks", "start_worker", "stop_tasks"]
+__all__ = ["Task", "call_soon", "notify_error", "notify_info", "running_tasks", "start_worker",
+           "stop_tasks"]
+
+
+def call_soon(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` on the Qt event loop once the current event is handled (the reader's
+    follow-ups: its layers must be in the viewer first). Qt stays in ``_widgets``."""
+    QTimer.singleShot(0, fn)
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +129,11 @@ def failure_message(exc: BaseException) -> str:
 def progress_text(message: str) -> str:
     """A core progress message for people: the method's name, not its key (``ae: 3/48 rows``
     -> ``CC-ST-AE 3/48 rows``)."""
-    from ._layers import METHOD_LABELS
+    from ..methods import registry
 
     key, sep, rest = message.partition(": ")
-    if sep and key in METHOD_LABELS:
-        return f"{METHOD_LABELS[key]} {rest}"
+    if sep and key in registry.available():
+        return f"{registry.label(key)} {rest}"
     return message
 
 

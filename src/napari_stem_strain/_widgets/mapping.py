@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io.results import MAP_NAMES
+from ..methods import registry
 from ._layers import (
     MAP_UNITS,
     META_KEY,
@@ -142,12 +143,17 @@ class MappingWidget(QWidget):
         # -- methods -----------------------------------------------------------------
         run_box = QGroupBox("Methods")
         form = QFormLayout(run_box)
-        self.use_ae = QCheckBox("CC-ST-AE (autoencoder)")
-        self.use_ae.setChecked(True)
-        self.use_py4dstem = QCheckBox("py4DSTEM (Bragg disks)")
-        self.use_py4dstem.setChecked(True)
-        form.addRow(self.use_ae)
-        form.addRow(self.use_py4dstem)
+        #: one check box per registered method (the registry's label and description;
+        #: the default methods ticked)
+        self.method_boxes: dict[str, QCheckBox] = {}
+        for name, spec in registry.available().items():
+            box = QCheckBox(f"{spec.label} ({spec.description})" if spec.description
+                            else spec.label)
+            box.setChecked(spec.default)
+            form.addRow(box)
+            self.method_boxes[name] = box
+        self.use_ae = self.method_boxes["ae"]
+        self.use_py4dstem = self.method_boxes["py4dstem"]
         self.model = QComboBox()
         self.model.addItems([MODEL_SHIPPED, MODEL_FILE, MODEL_FIT])
         self.model.setToolTip("CC-ST-AE weights: the model shipped with the plugin, a model "
@@ -291,12 +297,8 @@ class MappingWidget(QWidget):
             self.model_path.setText(path)
 
     def methods(self) -> list[str]:
-        out = []
-        if self.use_ae.isChecked():
-            out.append("ae")
-        if self.use_py4dstem.isChecked():
-            out.append("py4dstem")
-        return out
+        """The ticked methods' registry names, in registry order."""
+        return [name for name, box in self.method_boxes.items() if box.isChecked()]
 
     # -------------------------------------------------------------------- run
     def run(self) -> Task | None:
@@ -310,19 +312,21 @@ class MappingWidget(QWidget):
             return None
         methods = self.methods()
         if not methods:
-            notify_error("tick at least one method (CC-ST-AE or py4DSTEM)")
+            notify_error("tick at least one method ("
+                         + " or ".join(method_label(m) for m in self.method_boxes) + ")")
             return None
         self.session.ensure_layers()
         region = self.session.reference_region()
         device = self.device.currentData()
         choice = self.model.currentText()
         model: Any = None
-        if "ae" in methods and choice == MODEL_FILE:
+        takes_model = any("model" in registry.get(m).options for m in methods)
+        if takes_model and choice == MODEL_FILE:
             model = self.model_path.text().strip()
             if not model or not Path(model).is_file():
                 notify_error(f"model file {model!r} does not exist: choose a fitted model")
                 return None
-        fit_epochs = self.epochs.value() if "ae" in methods and choice == MODEL_FIT else 0
+        fit_epochs = self.epochs.value() if takes_model and choice == MODEL_FIT else 0
         dask_address = self.dask_address.text().strip() or None
         if dask_address:
             problem = dask_address_problem(dask_address)

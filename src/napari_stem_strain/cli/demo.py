@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._methods import method_choices, method_help
 from .progress import ProgressBar
 
 __all__ = ["register"]
@@ -21,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scan", type=int, nargs=2, default=(48, 48), metavar=("RX", "RY"))
     p.add_argument("--noise", type=float, default=0.25, help="background weight w")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--method", choices=("ae", "py4dstem", "both"), default="both")
+    p.add_argument("--method", choices=method_choices(), default="both",
+                   help=method_help("both"))
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._methods import method_choices, method_help
 from .progress import ProgressBar
 
 __all__ = ["register"]
@@ -20,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "over the reference region; background positions are NaN.",
     )
     p.add_argument("file", type=Path, help="4D-STEM file (any supported format)")
-    p.add_argument("--method", choices=("ae", "py4dstem", "both"), default="ae",
-                   help="ae = CC-ST-AE, py4dstem = Bragg-disk baseline, both (default: ae)")
+    p.add_argument("--method", choices=method_choices(), default="ae",
+                   help=method_help("ae"))
     p.add_argument("--reference", metavar="r0:r1,c0:c1",
                    help="reference region in scan pixels (half-open). Default: the simulated "
                    "file's reference grain, else a square deep inside the sample")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.readers import open_dataset
     from ..io.results import check_not_input, check_writable, write_results
     from ..io.stamp import InputStamp
-    from ..pipeline import compare_to_truth, run_methods
+    from ..pipeline import compare_to_truth, expand_methods, run_methods
     from ..strain import parse_region
 
     if args.reference:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         check_adds_to_own_results(args.out, args.file, hint="choose another --out, or "
                                   "--overwrite to replace the file")
     with open_dataset(args.file, dataset=args.dataset, scan_shape=scan_shape) as ds:
-        n_groups = 2 if args.method == "both" else 1
+        n_groups = len(expand_methods(args.method))
         # per group: 4 maps + A + A_raw (float32) + sample (bool), plus HDF5 overhead
         check_writable(args.out, needed_bytes=n_groups * ds.scan_shape[0] * ds.scan_shape[1]
                        * (4 * 4 + 2 * 16 + 1) + 2**20)

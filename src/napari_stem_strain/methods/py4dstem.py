@@ -134,11 +134,17 @@ class Py4DSTEMMethod(BlockMethod):
         if overrides.get("subpixel", "multicorr") not in ("poly", "multicorr", "pixel"):
             raise ValueError("subpixel must be 'poly', 'multicorr' or 'pixel'")
         self.opts = {**DEFAULTS, **overrides}
-        self.sample_mask = None if sample_mask is None else np.asarray(sample_mask, bool)
+        self.set_input("sample_mask", None if sample_mask is None
+                       else np.asarray(sample_mask, bool))
         if isinstance(reference, str):
             reference = parse_region(reference) if reference.strip() else None
         self.reference = reference
         self.derived: _Derived | None = None
+
+    @property
+    def sample_mask(self) -> np.ndarray | None:
+        """The user's sample mask (a per-position input: its rows travel with each block)."""
+        return self.inputs().get("sample_mask")
 
     # ------------------------------------------------------------------ prepare
     def prepare(
@@ -324,8 +330,10 @@ class Py4DSTEMMethod(BlockMethod):
         return np.asarray(out)
 
     # ------------------------------------------------------------------ blocks
-    def process_block(self, block: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw ``A`` ``(n, Ry, 2, 2)`` (NaN where unfitted or vacuum) and the sample mask."""
+    def process_block(self, block: np.ndarray, r0: int, sample_mask: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw ``A`` ``(n, Ry, 2, 2)`` (NaN where unfitted or vacuum) and the sample mask
+        (``sample_mask``: the block's rows of the user's mask, when one was given)."""
         st = self._state()
         n, Ry = block.shape[:2]
         flat, broken = _clean_patterns(
@@ -334,8 +342,8 @@ class Py4DSTEMMethod(BlockMethod):
         with _no_new_figures():
             found = _detect(flat, st, st.threshold)
         A = np.full((n * Ry, 2, 2), np.nan, np.float32)
-        if self.sample_mask is not None:
-            sample = self.sample_mask[r0 : r0 + n].reshape(-1).copy()
+        if sample_mask is not None:
+            sample = np.asarray(sample_mask, bool).reshape(-1).copy()
         else:
             sample = np.ones(n * Ry, bool)
         binv = np.linalg.inv(st.basis)
@@ -343,17 +351,17 @@ class Py4DSTEMMethod(BlockMethod):
             res = index_pattern(peaks, inten, st.basis, st.symmetry_deg, st.tolerance,
                                 min_peaks=st.min_peaks, max_strain=float(self.opts["max_strain"]),
                                 max_rms=st.max_rms)
-            if self.sample_mask is None and st.vacuum_threshold is not None:
+            if sample_mask is None and st.vacuum_threshold is not None:
                 sample[i] = res.signal > st.vacuum_threshold
             if sample[i] and res.fit is not None and not broken[i]:
                 A[i] = res.fit.G @ binv
         return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
 
-    def finish(self, A: np.ndarray, sample: np.ndarray, seconds: float) -> MethodResult:
-        st = self._state()
-        A = np.asarray(A, np.float32).copy()
-        A[~sample] = np.nan
-        return MethodResult(self.name, A, sample, self.settings(), seconds, st.symmetry_deg)
+    def finish(self, out: dict[str, np.ndarray], seconds: float) -> MethodResult:
+        self._state()
+        A = np.asarray(out["A"], np.float32).copy()
+        A[~out["sample"]] = np.nan
+        return self.result(out, seconds, A=A)
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.opts.items()}

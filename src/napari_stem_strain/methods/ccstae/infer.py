@@ -25,7 +25,16 @@ import torch
 
 from ...device import resolve_device
 from ...strain import parse_region
-from ..base import BlockMethod, MethodResult, ProgressCallback, StopCallback, check_stop
+from ..base import (
+    A_OUTPUT,
+    SAMPLE_OUTPUT,
+    BlockMethod,
+    MethodResult,
+    Output,
+    ProgressCallback,
+    StopCallback,
+    check_stop,
+)
 from .modelfile import Model, load_model
 from .preprocess import DataGeometry, as_patterns, beam_centres, encoder_input, measure_geometry
 from .refine import (
@@ -283,17 +292,31 @@ class CCSTAEMethod(BlockMethod):
                                                                    else 512)
         if self.batch_size < 1:
             raise ValueError(f"batch size {batch_size} must be at least 1")
-        self.sample_mask = None if sample_mask is None else np.asarray(sample_mask, bool)
+        self.set_input("sample_mask", None if sample_mask is None
+                       else np.asarray(sample_mask, bool))
         self.reference = reference
         self.refine_steps = int(refine_steps)
         self.pool_radius = int(pool_radius)
         self.engine: Engine | None = None
-        self.prob: np.ndarray | None = None
-        # per position, what redoing the last refinement step needs (see ``finish``):
-        # per disk [8 coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok]
-        # (``DISK_FIT`` floats) and [A (4), t (2)]
-        self.disk_fit: np.ndarray | None = None
-        self.last_step: np.ndarray | None = None
+
+    @property
+    def sample_mask(self) -> np.ndarray | None:
+        """The user's sample mask (a per-position input), or None."""
+        return self.inputs().get("sample_mask")
+
+    def outputs(self) -> tuple[Output, ...]:
+        """``A``, ``sample``, the classifier's crystal probability (an extra), and - when the
+        last step is pooled (see :meth:`finish`) - per position what redoing that step needs:
+        per disk [8 coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok]
+        (``DISK_FIT`` floats), and [A (4), t (2)] before the last step."""
+        out = (A_OUTPUT, SAMPLE_OUTPUT, Output("class_prob", (), "float32", np.nan, extra=True))
+        if self.pool_radius > 0:
+            if self.engine is None:
+                raise RuntimeError("prepare() must run before outputs() (the disk count)")
+            K = int(self.engine.P.shape[0])
+            out += (Output("disk_fit", (K, DISK_FIT), "float32", 0.0),
+                    Output("last_step", (6,), "float32", 0.0))
+        return out
 
     @property
     def symmetry_deg(self) -> float:
@@ -324,35 +347,37 @@ class CCSTAEMethod(BlockMethod):
                     f"the model ({self.model.lattice_kind} lattice, {self.model.source}) does not "
                     f"fit this data: only {frac:.0%} of crystal patterns matched its lattice - "
                     "train one with `stem-strain fit`")
-        self.prob = np.full(dataset.scan_shape, np.nan, np.float32)
-        if self.pool_radius > 0:
-            K = int(self.engine.P.shape[0])
-            self.disk_fit = np.zeros((*dataset.scan_shape, K, DISK_FIT), np.float32)
-            self.last_step = np.zeros((*dataset.scan_shape, 6), np.float32)
 
-    def process_block(self, block: np.ndarray, r0: int) -> tuple[np.ndarray, np.ndarray]:
+    def process_block(self, block: np.ndarray, r0: int,
+                      sample_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The block's rows of every output of :meth:`outputs` (``sample_mask``: the block's
+        rows of the user's mask, when one was given)."""
         if self.engine is None:
             raise RuntimeError("prepare() must run before process_block()")
         n, Ry = block.shape[:2]
-        flat = block.reshape(n * Ry, *block.shape[2:])
-        A = np.full((n * Ry, 2, 2), np.nan, np.float32)
-        prob = np.zeros(n * Ry, np.float32)
-        ok = np.zeros(n * Ry, bool)
-        n_found = np.zeros(n * Ry, np.int64)
-        for i in range(0, n * Ry, self.batch_size):
+        N = n * Ry
+        flat = block.reshape(N, *block.shape[2:])
+        A = np.full((N, 2, 2), np.nan, np.float32)
+        prob = np.zeros(N, np.float32)
+        ok = np.zeros(N, bool)
+        n_found = np.zeros(N, np.int64)
+        pooled = self.pool_radius > 0
+        K = int(self.engine.P.shape[0])
+        disk_fit = np.zeros((N, K, DISK_FIT), np.float32) if pooled else None
+        last_step = np.zeros((N, 6), np.float32) if pooled else None
+        for i in range(0, N, self.batch_size):
             out = self._run_shrinking(flat[i:i + self.batch_size], offset=r0 * Ry + i)
-            A[i:i + self.batch_size] = out["A"].cpu().numpy()
-            prob[i:i + self.batch_size] = out["prob"].cpu().numpy()
-            n_found[i:i + self.batch_size] = out["n_disks"].cpu().numpy()
-            ok[i:i + self.batch_size] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
-            if self.disk_fit is not None and self.disk_fit.shape[1] == Ry:
-                rows = slice(r0 * Ry + i, r0 * Ry + i + len(out["A"]))
-                self.disk_fit.reshape(-1, *self.disk_fit.shape[2:])[rows] = \
-                    out["disk_fit"].cpu().numpy()
+            rows = slice(i, i + len(out["A"]))
+            A[rows] = out["A"].cpu().numpy()
+            prob[rows] = out["prob"].cpu().numpy()
+            n_found[rows] = out["n_disks"].cpu().numpy()
+            ok[rows] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
+            if pooled:
+                disk_fit[rows] = out["disk_fit"].cpu().numpy()
                 last = torch.cat([out["A_prev"].reshape(-1, 4), out["t_prev"]], -1)
-                self.last_step.reshape(-1, 6)[rows] = last.cpu().numpy()
-        if self.sample_mask is not None:
-            sample = self.sample_mask[r0:r0 + n].reshape(-1)
+                last_step[rows] = last.cpu().numpy()
+        if sample_mask is not None:
+            sample = np.asarray(sample_mask, bool).reshape(-1)
         else:
             # crystal = the lattice was found (a pattern in which not even MIN_DISKS disks stand
             # out of the noise holds no measurable lattice) AND the classifier says so - unless
@@ -360,9 +385,12 @@ class CCSTAEMethod(BlockMethod):
             strong = n_found >= STRONG_FRACTION * (self.engine.P.shape[0] - 1)
             sample = ok & ((prob > 0.5) | strong)
         A[~(sample & ok)] = np.nan
-        if self.prob is not None and self.prob.shape[1] == Ry:
-            self.prob[r0:r0 + n] = prob.reshape(n, Ry)
-        return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
+        rows_out = {"A": A.reshape(n, Ry, 2, 2), "sample": sample.reshape(n, Ry),
+                    "class_prob": prob.reshape(n, Ry)}
+        if pooled:
+            rows_out["disk_fit"] = disk_fit.reshape(n, Ry, K, DISK_FIT)
+            rows_out["last_step"] = last_step.reshape(n, Ry, 6)
+        return rows_out
 
     def _run_shrinking(self, pats: np.ndarray, offset: int) -> dict[str, torch.Tensor]:
         """Run the engine; on CUDA out-of-memory halve the GPU chunk and try again, so a
@@ -390,19 +418,20 @@ class CCSTAEMethod(BlockMethod):
             s["n_disks"] = int(self.engine.P.shape[0])
         return s
 
-    def finish(self, A: np.ndarray, sample: np.ndarray, seconds: float) -> MethodResult:
-        extras = {} if self.prob is None else {"class_prob": self.prob}
-        if self.disk_fit is not None and self.engine is not None:
-            A = self._pooled(A)
-        return MethodResult("ae", A, sample, self.settings(), seconds, self.symmetry_deg, extras)
+    def finish(self, out: dict[str, np.ndarray], seconds: float) -> MethodResult:
+        A = out["A"]
+        if self.pool_radius > 0 and self.engine is not None:
+            A = self._pooled(A, out["disk_fit"], out["last_step"])
+        return self.result(out, seconds, A=A)
 
-    def _pooled(self, A: np.ndarray, rows: int = 16) -> np.ndarray:
+    def _pooled(self, A: np.ndarray, disk_fit: np.ndarray, last_step: np.ndarray,
+                rows: int = 16) -> np.ndarray:
         """Redo every fitted position's last Gauss-Newton step with its disks' background ramp
         and intensity gradient pooled over neighbours of the same grain (see
         :func:`.refine.pooled_coefficients`). Done in bands of ``rows`` scan rows (plus the
         pooling window's halo), so the temporaries stay small whatever the scan size."""
         eng = self.engine
-        Rx, Ry, K = self.disk_fit.shape[:3]
+        Rx, Ry, K = disk_fit.shape[:3]
         rad = self.pool_radius
         h = float(eng.tpl.offsets.abs().max())
         P = eng.P.cpu()
@@ -411,7 +440,7 @@ class CCSTAEMethod(BlockMethod):
         for r0 in range(0, Rx, rows):
             r1 = min(Rx, r0 + rows)
             h0, h1 = max(0, r0 - rad), min(Rx, r1 + rad)
-            fit = torch.from_numpy(self.disk_fit[h0:h1])
+            fit = torch.from_numpy(disk_fit[h0:h1])
             good = torch.from_numpy(good_all[h0:h1])
             ok = (fit[..., FIT_OK] > 0.5) & good[..., None]
             coef, wts = pooled_coefficients(fit[..., FIT_COEF],
@@ -423,7 +452,7 @@ class CCSTAEMethod(BlockMethod):
             if not bool(sel.any()):
                 continue
             n = (r1 - r0) * Ry
-            last = torch.from_numpy(self.last_step[r0:r1]).reshape(n, 6)[sel]
+            last = torch.from_numpy(last_step[r0:r1]).reshape(n, 6)[sel]
             A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
                                         ok[band].reshape(n, K)[sel],
                                         fit[band][..., FIT_DFRAC].reshape(n, K, 2)[sel],

@@ -30,6 +30,7 @@ blurry base image): any fixed error of the base then cancels exactly in ``A_raw 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,12 @@ class DiskTemplate:
     square-rooted and of the plain intensity profile (the Poisson-weighted last step,
     :func:`poisson_fit`).
     ``coarse``: the interpolating matcher of the first Gauss-Newton step (see
-    :func:`_bilinear_template`)."""
+    :func:`_bilinear_template`). ``lin_model``: what ``design_lin`` is built from (a
+    :class:`PixelModel`, or a table-less template of the plain intensity profile).
+
+    The phase tables are ~14 MB but follow from the profiles alone: a pickled template (what
+    dask workers receive inside a prepared method) carries the profiles and rebuilds the
+    tables on arrival with the same CPU code, so it stays small and gives identical bits."""
 
     offsets: torch.Tensor
     profile: torch.Tensor
@@ -89,6 +95,22 @@ class DiskTemplate:
     design_lin: torch.Tensor | None = None
     #: pixel aperture of the :class:`PixelModel` the tables come from; None: radial profile
     aperture: float | None = None
+    lin_model: PixelModel | DiskTemplate | None = None
+
+    #: the tables rebuilt from the profiles (see :func:`_fill_tables`), left out of a pickle
+    _TABLES = ("pinv", "gram", "g00", "cond", "design", "design_lin")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.lin_model is not None:
+            for k in self._TABLES:
+                state[k] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.lin_model is not None and self.pinv is None:
+            _fill_tables(self)
 
     def to(self, device: str | torch.device) -> DiskTemplate:
         return DiskTemplate(self.offsets.to(device), self.profile.to(device),
@@ -99,7 +121,7 @@ class DiskTemplate:
                             else tuple(x.to(device) for x in self.coarse),
                             None if self.design is None else self.design.to(device),
                             None if self.design_lin is None else self.design_lin.to(device),
-                            self.aperture)
+                            self.aperture, self.lin_model)
 
     def evaluate(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``T(|v|)`` and its gradient ``(dT/dv0, dT/dv1)`` at offsets ``v`` ``(..., 2)``
@@ -198,11 +220,33 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     tpl = DiskTemplate(off, (T / scale).float(), (dT / scale).float(), step, float(r),
                        torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0),
                        aperture=None if pix is None else pix.aperture)
+    if pix is not None:
+        tpl.lin_model = pix
+    else:
+        dT_lin = torch.gradient(T_lin, spacing=step)[0]
+        dT_lin[0] = 0.0
+        tpl.lin_model = DiskTemplate(off, (T_lin / scale_lin).float(),
+                                     (dT_lin / scale_lin).float(), step, float(r),
+                                     *(torch.empty(0),) * 4)
+    tpl.coarse = _bilinear_template(pats, centres, off.to(pats.dtype), h)
+    _fill_tables(tpl)
+    return tpl
+
+
+def _fill_tables(tpl: DiskTemplate) -> None:
+    """The design matrices, pseudo-inverses and conditioning of ``tpl`` at every tabulated
+    sub-pixel phase, from its profiles and ``lin_model``; always computed on the CPU (in
+    float64) and then moved to the template's device, so a rebuilt table equals the first."""
+    device = tpl.profile.device
+    off = tpl.offsets.cpu()
+    h = int(off.abs().max())
+    cpu = DiskTemplate(off, tpl.profile.cpu(), tpl.slope.cpu(), tpl.step, tpl.radius,
+                       *(torch.empty(0),) * 4)
     # the design matrix at every tabulated sub-pixel phase
     ph = torch.arange(-PHASES // 2, PHASES // 2 + 1, dtype=torch.float64) / PHASES
     fr = torch.stack(torch.meshgrid(ph, ph, indexing="ij"), -1).reshape(-1, 2)  # (F,2)
     v = off.double()[None] - fr[:, None, :]  # (F,P,2)
-    Tv, gr, gc = (x.double() for x in tpl.evaluate(v.float()))
+    Tv, gr, gc = (x.double() for x in cpu.evaluate(v.float()))
     # columns: gain, offset, background ramp (2), shift (2), intensity gradient inside the
     # disk (2). The ramps are odd functions like the edge gradients; left out, a sloping
     # diffuse background would read as a shift. An intensity gradient inside a disk
@@ -213,26 +257,22 @@ def make_template(pats: torch.Tensor, centres: torch.Tensor, r: float,
     D = _design(Tv, gr, gc, v, h)
     G = D.transpose(1, 2) @ D
     Ginv = torch.linalg.inv(G)
-    tpl.pinv = (Ginv @ D.transpose(1, 2)).float().to(pats.device)
-    tpl.gram = G.float().to(pats.device)
+    tpl.pinv = (Ginv @ D.transpose(1, 2)).float().to(device)
+    tpl.gram = G.float().to(device)
     G6inv = torch.linalg.inv(G[:, :6, :6])
-    tpl.cond = (G6inv @ G[:, :6, 6:]).float().to(pats.device)
-    tpl.g00 = G6inv[:, 0, 0].float().to(pats.device)
-    tpl.profile, tpl.slope = tpl.profile.to(pats.device), tpl.slope.to(pats.device)
-    tpl.coarse = _bilinear_template(pats, centres, off.to(pats.dtype), h)
-    tpl.design = D.float().to(pats.device)
+    tpl.cond = (G6inv @ G[:, :6, 6:]).float().to(device)
+    tpl.g00 = G6inv[:, 0, 0].float().to(device)
+    tpl.design = D.float().to(device)
     # the same design for the intensities themselves (Poisson-weighted last step)
-    if pix is not None:
-        Tl, glr, glc = pix.evaluate(v)
+    lin = tpl.lin_model
+    if isinstance(lin, PixelModel):
+        Tl, glr, glc = lin.evaluate(v)
     else:
-        dT_lin = torch.gradient(T_lin, spacing=step)[0]
-        dT_lin[0] = 0.0
-        lin = DiskTemplate(off, (T_lin / scale_lin).float(), (dT_lin / scale_lin).float(),
-                           step, float(r), *(torch.empty(0),) * 4)
-        Tl, glr, glc = (x.double() for x in lin.evaluate(v.float()))
+        lin_cpu = DiskTemplate(off, lin.profile.cpu(), lin.slope.cpu(), lin.step, lin.radius,
+                               *(torch.empty(0),) * 4)
+        Tl, glr, glc = (x.double() for x in lin_cpu.evaluate(v.float()))
     tpl.design_lin = _design(Tl, glr, glc, v, h).transpose(-1, -2).float().contiguous().to(
-        pats.device)
-    return tpl
+        device)
 
 
 #: Pixel apertures tried by :class:`PixelModel` (fraction of the pixel pitch over which a

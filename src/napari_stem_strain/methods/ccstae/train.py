@@ -27,7 +27,7 @@ import torch
 
 from ...device import resolve_device
 from ...strain import parse_region
-from ..base import ProgressCallback, StopCallback, check_stop
+from ..base import BlockMethod, Output, ProgressCallback, StopCallback, check_stop
 from .loss import ccstae_loss, disk_mask
 from .model import warp
 from .modelfile import Model, load_model, new_model, save_model
@@ -128,26 +128,55 @@ def _snap(g1: np.ndarray, g2: np.ndarray, sym: float) -> tuple[np.ndarray, np.nd
 def collect_training_set(
     engine: Any, dataset: Any, max_patterns: int = MAX_TRAIN,
     should_stop: StopCallback | None = None, batch: int = 512,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encoder views, self-made target ``A`` and sample flags of up to ``max_patterns``
-    positions spread over the scan (streamed block by block; nothing else is kept)."""
-    Rx, Ry = dataset.scan_shape
-    stride = max(1, int(np.ceil(Rx * Ry / max_patterns)))
-    xs, As, ss = [], [], []
-    offset = 0
-    for r0, r1, block in dataset.iter_blocks(max_bytes=32 * 2**20):
-        check_stop(should_stop)
+    positions spread over the scan (streamed block by block through the runner, so it has
+    its progress, cancel and read-error wrapping; nothing else is kept)."""
+    from ..runner import run_method
+
+    collector = TrainingSetCollector(engine, dataset.scan_shape, max_patterns, batch)
+    return run_method(collector, dataset, progress=progress, should_stop=should_stop,
+                      prepared=True)
+
+
+class TrainingSetCollector(BlockMethod):
+    """Every ``stride``-th position of the scan (in scan order) registered from an exhaustive
+    search: its encoder view, target ``A`` and sample flag, as ``cat`` outputs of the block
+    contract (a variable number per block, concatenated in scan order)."""
+
+    name = "training set"
+    block_bytes = 32 * 2**20
+
+    def __init__(self, engine: Any, scan_shape: tuple[int, int], max_patterns: int,
+                 batch: int = 512) -> None:
+        self.engine = engine
+        self.stride = max(1, int(np.ceil(scan_shape[0] * scan_shape[1] / max_patterns)))
+        self.batch = int(batch)
+        net = engine.model.net
+        self._view = (1, net.n, net.n)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return (Output("x", self._view, "float32", kind="cat"),
+                Output("A", (2, 2), "float32", kind="cat"),
+                Output("sample", (), "bool", kind="cat"))
+
+    def process_block(self, block: np.ndarray, r0: int) -> dict[str, np.ndarray]:
         flat = block.reshape(-1, *block.shape[2:])
-        idx = np.arange(offset, offset + len(flat))
-        pick = flat[(idx % stride) == 0]
-        offset += len(flat)
-        for i in range(0, len(pick), batch):
-            out = engine.run(pick[i:i + batch], init="search")
-            xs.append(out["x"].cpu())
-            As.append(out["A"].cpu())
-            ss.append((out["n_disks"] >= 3).cpu())
-        del r0, r1
-    return {"x": torch.cat(xs), "A": torch.cat(As), "sample": torch.cat(ss)}
+        idx = np.arange(r0 * block.shape[1], r0 * block.shape[1] + len(flat))
+        pick = flat[(idx % self.stride) == 0]
+        xs, As, ss = [np.zeros((0, *self._view), np.float32)], [np.zeros((0, 2, 2),
+                                                                         np.float32)], []
+        for i in range(0, len(pick), self.batch):
+            out = self.engine.run(pick[i:i + self.batch], init="search")
+            xs.append(out["x"].cpu().numpy())
+            As.append(out["A"].cpu().numpy())
+            ss.append((out["n_disks"] >= 3).cpu().numpy())
+        return {"x": np.concatenate(xs), "A": np.concatenate(As),
+                "sample": np.concatenate(ss) if ss else np.zeros(0, bool)}
+
+    def finish(self, out: dict[str, np.ndarray], seconds: float) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(out[k])) for k in ("x", "A", "sample")}
 
 
 def _init_bases(model: Model, data: dict[str, torch.Tensor]) -> None:
