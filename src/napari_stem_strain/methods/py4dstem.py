@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..strain import check_region, lattice_symmetry, parse_region
+from ..uncertainty import basis_to_affine_covariance
 from ._py4dstem_lattice import find_basis, index_pattern
 from ._py4dstem_probe import (
     aligned_mean,
@@ -139,6 +140,8 @@ class Py4DSTEMMethod(BlockMethod):
             reference = parse_region(reference) if reference.strip() else None
         self.reference = reference
         self.derived: _Derived | None = None
+        #: issue 13: per-position covariance of the raw A, filled block by block
+        self.A_cov: np.ndarray | None = None
 
     # ------------------------------------------------------------------ prepare
     def prepare(
@@ -157,6 +160,7 @@ class Py4DSTEMMethod(BlockMethod):
         from py4DSTEM.braggvectors.probe import Probe
 
         Rx, Ry = dataset.scan_shape
+        self.A_cov = np.full((Rx, Ry, 4, 4), np.nan, np.float32)  # issue 13
         if self.sample_mask is not None and self.sample_mask.shape != (Rx, Ry):
             raise ValueError(
                 f"sample mask has shape {self.sample_mask.shape}, the scan is {Rx}x{Ry}"
@@ -339,6 +343,7 @@ class Py4DSTEMMethod(BlockMethod):
         else:
             sample = np.ones(n * Ry, bool)
         binv = np.linalg.inv(st.basis)
+        cov = np.full((n * Ry, 4, 4), np.nan, np.float32)  # issue 13: covariance of raw A
         for i, (peaks, inten) in enumerate(found):
             res = index_pattern(peaks, inten, st.basis, st.symmetry_deg, st.tolerance,
                                 min_peaks=st.min_peaks, max_strain=float(self.opts["max_strain"]),
@@ -347,13 +352,21 @@ class Py4DSTEMMethod(BlockMethod):
                 sample[i] = res.signal > st.vacuum_threshold
             if sample[i] and res.fit is not None and not broken[i]:
                 A[i] = res.fit.G @ binv
+                if res.fit.cov_g is not None:
+                    cov[i] = basis_to_affine_covariance(res.fit.cov_g, binv)
+        if self.A_cov is not None and self.A_cov.shape[1] == Ry:  # issue 13
+            self.A_cov[r0:r0 + n] = cov.reshape(n, Ry, 4, 4)
         return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
 
     def finish(self, A: np.ndarray, sample: np.ndarray, seconds: float) -> MethodResult:
         st = self._state()
         A = np.asarray(A, np.float32).copy()
         A[~sample] = np.nan
-        return MethodResult(self.name, A, sample, self.settings(), seconds, st.symmetry_deg)
+        A_cov = None
+        if self.A_cov is not None:  # issue 13: no error bar where there is no value
+            A_cov = np.where(np.isfinite(A).all((2, 3))[..., None, None], self.A_cov, np.nan)
+        return MethodResult(self.name, A, sample, self.settings(), seconds, st.symmetry_deg,
+                            A_cov=None if A_cov is None else A_cov.astype(np.float32))
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.opts.items()}

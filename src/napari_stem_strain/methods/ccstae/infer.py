@@ -256,7 +256,7 @@ class Engine:
         return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x,
                 "disk_fit": torch.cat([ex["coef"], ex["cond"].flatten(-2), ex["var4"][..., None],
                                        ex["dfrac"], ex["ok"][..., None].float()], -1),
-                "A_prev": ex["A_prev"], "t_prev": ex["t_prev"]}
+                "A_prev": ex["A_prev"], "t_prev": ex["t_prev"], "A_cov": ex["A_cov"]}
 
     def _search(self, pats: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Exhaustive angular search over one symmetry period (2 deg, then 0.5 deg)."""
@@ -294,6 +294,9 @@ class CCSTAEMethod(BlockMethod):
         # (``DISK_FIT`` floats) and [A (4), t (2)]
         self.disk_fit: np.ndarray | None = None
         self.last_step: np.ndarray | None = None
+        # issue 13: covariance of each position's raw A (row-major 4x4), from the last
+        # Gauss-Newton step's weighted disk fit; redone by ``_pooled`` when pooling
+        self.A_cov: np.ndarray | None = None
 
     @property
     def symmetry_deg(self) -> float:
@@ -325,6 +328,7 @@ class CCSTAEMethod(BlockMethod):
                     f"fit this data: only {frac:.0%} of crystal patterns matched its lattice - "
                     "train one with `stem-strain fit`")
         self.prob = np.full(dataset.scan_shape, np.nan, np.float32)
+        self.A_cov = np.full((*dataset.scan_shape, 4, 4), np.nan, np.float32)  # issue 13
         if self.pool_radius > 0:
             K = int(self.engine.P.shape[0])
             self.disk_fit = np.zeros((*dataset.scan_shape, K, DISK_FIT), np.float32)
@@ -345,6 +349,9 @@ class CCSTAEMethod(BlockMethod):
             prob[i:i + self.batch_size] = out["prob"].cpu().numpy()
             n_found[i:i + self.batch_size] = out["n_disks"].cpu().numpy()
             ok[i:i + self.batch_size] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
+            if self.A_cov is not None and self.A_cov.shape[1] == Ry:  # issue 13
+                self.A_cov.reshape(-1, 4, 4)[r0 * Ry + i:r0 * Ry + i + len(out["A"])] = \
+                    out["A_cov"].cpu().numpy()
             if self.disk_fit is not None and self.disk_fit.shape[1] == Ry:
                 rows = slice(r0 * Ry + i, r0 * Ry + i + len(out["A"]))
                 self.disk_fit.reshape(-1, *self.disk_fit.shape[2:])[rows] = \
@@ -392,21 +399,27 @@ class CCSTAEMethod(BlockMethod):
 
     def finish(self, A: np.ndarray, sample: np.ndarray, seconds: float) -> MethodResult:
         extras = {} if self.prob is None else {"class_prob": self.prob}
+        A_cov = self.A_cov
         if self.disk_fit is not None and self.engine is not None:
-            A = self._pooled(A)
-        return MethodResult("ae", A, sample, self.settings(), seconds, self.symmetry_deg, extras)
+            A, A_cov = self._pooled(A)
+        if A_cov is not None:  # issue 13: no error bar where there is no value
+            A_cov = np.where(np.isfinite(A).all((2, 3))[..., None, None], A_cov, np.nan)
+        return MethodResult("ae", A, sample, self.settings(), seconds, self.symmetry_deg, extras,
+                            A_cov=None if A_cov is None else A_cov.astype(np.float32))
 
-    def _pooled(self, A: np.ndarray, rows: int = 16) -> np.ndarray:
+    def _pooled(self, A: np.ndarray, rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """Redo every fitted position's last Gauss-Newton step with its disks' background ramp
         and intensity gradient pooled over neighbours of the same grain (see
         :func:`.refine.pooled_coefficients`). Done in bands of ``rows`` scan rows (plus the
-        pooling window's halo), so the temporaries stay small whatever the scan size."""
+        pooling window's halo), so the temporaries stay small whatever the scan size.
+        Returns the new ``A`` and its covariance (``(Rx, Ry, 4, 4)``, NaN where not redone)."""
         eng = self.engine
         Rx, Ry, K = self.disk_fit.shape[:3]
         rad = self.pool_radius
         h = float(eng.tpl.offsets.abs().max())
         P = eng.P.cpu()
         out = np.array(A, np.float32, copy=True)
+        cov_all = np.full((Rx, Ry, 4, 4), np.nan, np.float32)
         good_all = np.isfinite(A).all(axis=(2, 3))
         for r0 in range(0, Rx, rows):
             r1 = min(Rx, r0 + rows)
@@ -424,14 +437,17 @@ class CCSTAEMethod(BlockMethod):
                 continue
             n = (r1 - r0) * Ry
             last = torch.from_numpy(self.last_step[r0:r1]).reshape(n, 6)[sel]
+            cov: dict = {}
             A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
                                         ok[band].reshape(n, K)[sel],
                                         fit[band][..., FIT_DFRAC].reshape(n, K, 2)[sel],
                                         last[:, :4].reshape(-1, 2, 2), last[:, 4:], P,
-                                        eng.geom.L, h, wts[band].reshape(n, K)[sel])
+                                        eng.geom.L, h, wts[band].reshape(n, K)[sel],
+                                        cov_out=cov)
             view = out[r0:r1].reshape(n, 2, 2)
             view[sel.numpy()] = A_new.numpy()
-        return out
+            cov_all[r0:r1].reshape(n, 4, 4)[sel.numpy()] = cov["A_cov"].numpy()
+        return out, cov_all
 
 
 def run_ccstae(dataset: Any, model: Model | str | Path | None = None, device: str = "auto",
