@@ -108,7 +108,8 @@ def test_py4dstem_lattice_covariance_matches_monte_carlo():
     binv = np.linalg.inv(basis)
     As, covs = [], []
     for _ in range(3000):
-        pk = o + hk @ np.stack([g1, g2], 1).T + rng.normal(size=(len(hk), 2)) * 0.2 / np.sqrt(w)[:, None]
+        noise = rng.normal(size=(len(hk), 2)) * 0.2 / np.sqrt(w)[:, None]
+        pk = o + hk @ np.stack([g1, g2], 1).T + noise
         a, b, c = fit_lattice(pk, hk, w)
         fit = LatticeFit(a, b, c, len(hk), 0.0)
         covs.append(basis_to_affine_covariance(lattice_covariance(pk, hk, w, fit), binv))
