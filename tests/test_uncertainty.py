@@ -216,3 +216,41 @@ def test_error_bars_are_calibrated_on_a_small_simulated_file(small_sim, method):
         assert c["n"] > 0.9 * where.sum(), k
         assert 0.8 <= c["std_z"] <= 1.25, (k, c)
         assert 0.90 <= c["cover2"] <= 0.98, (k, c)
+
+
+def test_cli_compare_prints_calibration(tmp_path, capsys):
+    """`stem-strain compare` prints, per method and component, std of z and the 2-sigma share;
+    estimates drawn with exactly the covariance the file claims give std z ~ 1."""
+    from napari_stem_strain.cli import main
+    from napari_stem_strain.io.ground_truth import GroundTruth, write_ground_truth
+
+    rng = np.random.default_rng(7)
+    shape = (40, 40)
+    exx = np.where(np.arange(40)[None, :] < 20, 0.0, 0.01) * np.ones(shape)
+    zero = np.zeros(shape)
+    A_true = strain_to_A(exx, zero, zero, zero)
+    grains = (np.arange(40)[None, :] >= 20) * np.ones(shape, int)
+    truth_file = tmp_path / "truth.h5"
+    with h5py.File(truth_file, "w") as h5:
+        write_ground_truth(h5, GroundTruth(exx.astype(np.float32), *(zero.astype(np.float32),) * 3,
+                                           np.ones(shape, bool), 60.0, "0:20,0:20",
+                                           grains=grains.astype(np.int32)))
+    s = 1e-3
+    groups = []
+    for name, scale in (("ae", 1.0), ("py4dstem", 3.0)):  # py4dstem: error bars 3x too small
+        A = A_true + rng.normal(0, s * scale, (*shape, 2, 2))
+        cov = np.tile(s**2 * np.eye(4), (*shape, 1, 1)).astype(np.float32)
+        res = MethodResult(name, A.astype(np.float32), np.ones(shape, bool), {}, 1.0, 60.0,
+                           A_cov=cov)
+        groups.append(MethodMaps.from_result(res, "0:20,0:20", input_file=str(truth_file)))
+    out = tmp_path / "r.h5"
+    write_results(out, groups)
+    assert main(["compare", str(out), "--truth", str(truth_file)]) == 0
+    text = capsys.readouterr().out
+    assert "error-bar calibration" in text
+    rows = {ln.split()[0]: ln.split()[1:] for ln in text.splitlines()
+            if ln.split() and ln.split()[0] in ("ae", "py4dstem") and "[" in ln}
+    ae = [float(v) for v in rows["ae"][0::2]]
+    p4 = [float(v) for v in rows["py4dstem"][0::2]]
+    assert len(ae) == 4 and all(0.85 < v < 1.2 for v in ae), ae
+    assert all(v > 2.5 for v in p4), p4
