@@ -169,7 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from common import write_section
 
-        text = ("Per-position error bars against ground truth, within single grains (3x3 "
+        text = ("## Uncertainty calibration\n\n"
+                "How the error bars are made: each method's covariance of its raw `A` comes "
+                "from its own weighted least-squares fit (CC-ST-AE: the last Gauss-Newton "
+                "step's weighted disk-shift fit, after pooling; py4DSTEM: the weighted lattice "
+                "fit of the indexed disks), scaled by that fit's reduced chi-square (no "
+                "absolute noise model, no tuning factor: model error that scatters the disks "
+                "widens the error bar), and is propagated linearly through `A_raw A_ref^-1` "
+                "and the polar decomposition, the reference median's own uncertainty "
+                "(pi/2 x the region's scatter / N) included "
+                "(`src/napari_stem_strain/uncertainty.py`).\n\n"
+                "Per-position error bars against ground truth, within single grains (3x3 "
                 "neighbourhood one grain; boundaries excluded). Each cell: standard deviation "
                 "of z = (estimate - truth) / sigma (target 0.8-1.25) / share of positions "
                 "within 2 sigma (target 90-98 %).\n\n" + md +
