@@ -363,7 +363,8 @@ class Py4DSTEMMethod(BlockMethod):
         A = np.asarray(A, np.float32).copy()
         A[~sample] = np.nan
         A_cov = None
-        if self.A_cov is not None:  # issue 13: no error bar where there is no value
+        # issue 13: no error bar where there is no value (none when prepared on another scan)
+        if self.A_cov is not None and self.A_cov.shape[:2] == A.shape[:2]:
             A_cov = np.where(np.isfinite(A).all((2, 3))[..., None, None], self.A_cov, np.nan)
         return MethodResult(self.name, A, sample, self.settings(), seconds, st.symmetry_deg,
                             A_cov=None if A_cov is None else A_cov.astype(np.float32))

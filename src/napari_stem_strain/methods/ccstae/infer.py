@@ -402,6 +402,8 @@ class CCSTAEMethod(BlockMethod):
         A_cov = self.A_cov
         if self.disk_fit is not None and self.engine is not None:
             A, A_cov = self._pooled(A)
+        if A_cov is not None and A_cov.shape[:2] != A.shape[:2]:  # prepared on another scan
+            A_cov = None
         if A_cov is not None:  # issue 13: no error bar where there is no value
             A_cov = np.where(np.isfinite(A).all((2, 3))[..., None, None], A_cov, np.nan)
         return MethodResult("ae", A, sample, self.settings(), seconds, self.symmetry_deg, extras,
