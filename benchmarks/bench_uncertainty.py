@@ -161,8 +161,8 @@ disks a template mismatch that is correlated between disks). *too wide*: noise-f
 data (`abtem_ws2_3layer`): the residuals are all model error (dynamical contrast inside the
 disks), identical at every position and cancelling between Friedel mates in the fit, so the
 value is far better than the residual scatter says (exy, whose error does not cancel, is
-calibrated). Not run yet for lack of machine time (2 shared cores): w = 0.5 and 0.7 (both
-methods), the validation set with py4DSTEM, and `hex_detector_background`,
+calibrated). Not run yet for lack of machine time (2 shared cores): w = 0.5 (py4DSTEM), w = 0.7
+(both methods), the validation set with py4DSTEM, and `hex_detector_background`,
 `hex_sharp_fringes_noisefree`, `abtem_ws2_3layer_lowdose`, `abtem_si001_thick` (AE);
 `hex_lowdose_background` fails for both methods already (validation section)."""
 
