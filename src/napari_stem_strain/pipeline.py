@@ -22,6 +22,7 @@ __all__ = [
     "run_methods",
     "default_reference",
     "compare_to_truth",
+    "calibration_to_truth",
 ]
 
 def expand_methods(methods: str | Sequence[str]) -> list[str]:
@@ -169,4 +170,28 @@ def compare_to_truth(groups: dict[str, MethodMaps], truth: Any) -> dict[str, dic
             row[comp] = mae(getattr(g.maps, comp), getattr(truth, comp), truth.sample)
         row["theta"] = mae(g.maps.theta, truth.theta, truth.sample, truth.symmetry_deg)
         table[name] = row
+    return table
+
+
+def calibration_to_truth(groups: dict[str, MethodMaps], truth: Any
+                         ) -> dict[str, dict[str, dict[str, float]]]:
+    """How honest each method's error bars are against a :class:`GroundTruth` (issue 13).
+
+    Per method (only those whose maps carry ``sigma``) and component: the standard deviation
+    of ``z = (estimate - truth) / sigma`` and the share of positions within 2 sigma, over the
+    positions *within single grains* (:func:`~napari_stem_strain.uncertainty.interior_mask`:
+    a grain boundary mixes two lattices, which no per-position error model describes).
+    """
+    from .uncertainty import COMPONENTS, calibration, interior_mask
+
+    where = interior_mask(getattr(truth, "grains", None), truth.sample)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name, g in groups.items():
+        if g.maps.sigma is None or np.shape(g.maps.exx) != np.shape(truth.exx):
+            continue
+        table[name] = {
+            k: calibration(getattr(g.maps, k), g.maps.sigma[k], getattr(truth, k), where,
+                           truth.symmetry_deg if k == "theta" else None)
+            for k in COMPONENTS
+        }
     return table

@@ -55,6 +55,10 @@ class StrainMaps:
     exy: np.ndarray
     theta: np.ndarray
     A: np.ndarray
+    #: one standard deviation of each map (``"exx"`` ... ``"theta"``, same units), relative to
+    #: the reference region including its own uncertainty; None when the method gave no
+    #: covariance of ``A`` (see :mod:`napari_stem_strain.uncertainty`)
+    sigma: dict[str, np.ndarray] | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {"exx": self.exx, "eyy": self.eyy, "exy": self.exy, "theta": self.theta, "A": self.A}
@@ -242,19 +246,31 @@ def strain_maps(
     region: tuple[slice, slice] | str,
     symmetry_deg: float = 360.0,
     mask: np.ndarray | None = None,
+    A_cov: np.ndarray | None = None,
 ) -> StrainMaps:
     """Reference-normalised strain maps from a method's raw ``A`` of shape ``(Rx, Ry, 2, 2)``.
 
-    Positions outside ``mask`` (background) become NaN in every map.
+    Positions outside ``mask`` (background) become NaN in every map. With ``A_cov`` (the raw
+    ``A``'s covariance, ``(Rx, Ry, 4, 4)`` row-major) the maps carry their standard deviations
+    (``StrainMaps.sigma``, see :mod:`napari_stem_strain.uncertainty`).
     """
     A_raw = np.asarray(A_raw, dtype=np.float64)
-    A = normalise_to_reference(A_raw, reference_A(A_raw, region, mask))
+    A_ref = reference_A(A_raw, region, mask)
+    A = normalise_to_reference(A_raw, A_ref)
     if mask is not None:
         A[~np.asarray(mask, dtype=bool)] = np.nan
     exx, eyy, exy, theta = A_to_strain(A, symmetry_deg)
     f32 = np.float32
+    sigma = None
+    if A_cov is not None:
+        from .uncertainty import reference_covariance, strain_sigma
+
+        ref_cov = reference_covariance(A_raw, A_cov, region, mask)
+        values = {"exx": exx, "eyy": eyy, "exy": exy, "theta": theta}
+        sigma = {k: np.where(np.isfinite(values[k]), v, np.nan).astype(f32)
+                 for k, v in strain_sigma(A, A_cov, A_ref, ref_cov, symmetry_deg).items()}
     return StrainMaps(exx.astype(f32), eyy.astype(f32), exy.astype(f32), theta.astype(f32),
-                      A.astype(f32))
+                      A.astype(f32), sigma)
 
 
 def mae(

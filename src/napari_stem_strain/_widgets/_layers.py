@@ -24,6 +24,8 @@ __all__ = [
     "strain_colormap",
     "show_results",
     "display_values",
+    "sigma_layer_name",
+    "unreliable",
 ]
 
 #: Key of the plugin's entry in ``layer.metadata``.
@@ -64,15 +66,42 @@ def strain_colormap() -> Any:
     return _CMAP
 
 
-def display_values(m: MethodMaps, comp: str) -> np.ndarray:
-    """A map in display units (percent or degrees)."""
-    return np.asarray(getattr(m.maps, comp), np.float32) * MAP_UNITS[comp][1]
+def sigma_layer_name(method: str, comp: str) -> str:
+    unit, _ = MAP_UNITS[comp]
+    return f"{method_label(method)} sigma {comp} ({unit})"
+
+
+def unreliable(m: MethodMaps, max_sigma_pct: float | None) -> np.ndarray | None:
+    """Positions whose error bar exceeds ``max_sigma_pct`` (percent strain), or None.
+
+    One threshold for all four maps, so a position is either shown in all of them or greyed
+    in all: a strain sigma counts in percent, the rotation's in percent of a radian (a
+    rotation of 0.01 rad moves disks as far as a strain of 1 %)."""
+    sig = m.maps.sigma
+    if max_sigma_pct is None or sig is None:
+        return None
+    worst = np.fmax(np.fmax(sig["exx"], sig["eyy"]), sig["exy"]) * 100.0
+    worst = np.fmax(worst, np.deg2rad(sig["theta"]) * 100.0)
+    return np.asarray(worst > max_sigma_pct)
+
+
+def display_values(m: MethodMaps, comp: str, max_sigma_pct: float | None = None) -> np.ndarray:
+    """A map in display units (percent or degrees); with ``max_sigma_pct`` the positions
+    :func:`unreliable` names are NaN (shown greyed, as "no value")."""
+    out = np.asarray(getattr(m.maps, comp), np.float32) * MAP_UNITS[comp][1]
+    bad = unreliable(m, max_sigma_pct)
+    if bad is not None:
+        out = np.where(bad, np.nan, out).astype(np.float32)
+    return out
 
 
 def show_results(viewer: Any, results: dict[str, MethodMaps],
-                 geometry: dict[str, Any] | None = None) -> list[Any]:
+                 geometry: dict[str, Any] | None = None,
+                 max_sigma_pct: float | None = None) -> list[Any]:
     """Add or update one image layer per method and component (``geometry``: ``scale``,
-    ``translate``, ``units`` of the navigation image).
+    ``translate``, ``units`` of the navigation image), and a hidden uncertainty layer per
+    method and component whose maps carry ``sigma`` (``max_sigma_pct``: grey out the
+    positions whose error bar exceeds it, see :func:`unreliable`).
 
     Existing layers are updated in place (data and limits), so re-referencing keeps the
     user's layer order, visibility and zoom.
@@ -85,7 +114,7 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
     for method, m in results.items():
         for comp in MAP_NAMES:
             name = map_layer_name(method, comp)
-            data = display_values(m, comp)
+            data = display_values(m, comp, max_sigma_pct)
             lim = lims[comp]
             meta = {"role": "map", "method": method, "component": comp, "maps": m,
                     "auto_limits": (-lim, lim)}
@@ -123,7 +152,43 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
         viewer.layers.selection.active = layers[0]
     if layers:
         _backdrop(viewer, layers, geometry)
+        _show_sigma(viewer, results, geometry)
     return layers
+
+
+def _show_sigma(viewer: Any, results: dict[str, MethodMaps],
+                geometry: dict[str, Any] | None) -> list[Any]:
+    """One hidden layer per method and component with error bars (issue 13): the standard
+    deviation in display units, ``magma`` from 0 to the 99th percentile. Hidden by default:
+    they are for checking, not the first look. Updated in place like the maps."""
+    out = []
+    for method, m in results.items():
+        if m.maps.sigma is None:
+            continue
+        for comp in MAP_NAMES:
+            name = sigma_layer_name(method, comp)
+            data = np.asarray(m.maps.sigma[comp], np.float32) * MAP_UNITS[comp][1]
+            finite = data[np.isfinite(data)]
+            hi = float(np.percentile(finite, 99)) if finite.size else 1.0
+            hi = hi if hi > 0 else 1.0
+            meta = {"role": "sigma", "method": method, "component": comp, "maps": m}
+            if name in viewer.layers:
+                layer = viewer.layers[name]
+                layer.data = data
+                layer.metadata = {**layer.metadata, META_KEY: meta}
+                if geometry:
+                    layer.scale, layer.translate = geometry["scale"], geometry["translate"]
+            else:
+                active = viewer.layers.selection.active
+                layer = viewer.add_image(data, name=name, colormap="magma",
+                                         **(geometry or {}), metadata={META_KEY: meta},
+                                         interpolation2d="nearest", visible=False)
+                viewer.layers.selection.active = active
+                _below_overlays(viewer, [layer])
+            layer.contrast_limits_range = (0.0, hi)
+            layer.contrast_limits = (0.0, hi)
+            out.append(layer)
+    return out
 
 
 def _show_colorbar(layer: Any) -> None:

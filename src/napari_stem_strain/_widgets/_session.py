@@ -496,9 +496,17 @@ class StrainSession:
             return False
         self._last_error = None
         self.results = shown
-        show_results(self.viewer, shown, self.layer_kwargs())
+        show_results(self.viewer, shown, self.layer_kwargs(), self.max_sigma_pct)
         self.results_changed.emit()
         return True
+
+    #: issue 13: grey out positions whose error bar exceeds this (percent strain; None: off)
+    max_sigma_pct: float | None = None
+
+    def set_max_sigma(self, value: float | None) -> None:
+        """Grey out (None: show again) the positions whose error bar exceeds ``value``."""
+        self.max_sigma_pct = value
+        self.refresh()
 
     # ----------------------------------------------------------------- probe
     def set_probe(self, row: int, col: int) -> None:

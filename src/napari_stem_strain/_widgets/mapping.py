@@ -17,6 +17,7 @@ import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -208,6 +209,27 @@ class MappingWidget(QWidget):
         self.grid.setToolTip("napari's grid: one row per method, columns exx, eyy, exy, theta; "
                              "only the maps are shown meanwhile")
         self.grid.toggled.connect(self.set_grid)
+        # issue 13: grey out positions whose error bar is larger than a threshold
+        self.sigma_mask = QCheckBox("Mask where \u03c3 >")
+        self.sigma_mask.setToolTip(
+            "grey out positions whose standard deviation exceeds this (strain in %; the "
+            "rotation's in % of a radian, 0.01 rad ~ 1 %) in every map of that method")
+        self.sigma_limit = QDoubleSpinBox()
+        self.sigma_limit.setRange(0.001, 100.0)
+        self.sigma_limit.setDecimals(3)
+        self.sigma_limit.setSingleStep(0.01)
+        self.sigma_limit.setValue(0.1)
+        self.sigma_limit.setSuffix(" %")
+        self.sigma_mask.toggled.connect(self._sigma_mask_changed)
+        self.sigma_limit.valueChanged.connect(self._sigma_mask_changed)
+        self.hist_z = QCheckBox("Histograms: (estimate \u2212 truth) / \u03c3")
+        self.hist_z.setToolTip("error-normalised residual against the file's ground truth, "
+                               "within grains; honest error bars give a unit normal (line)")
+        self.hist_z.toggled.connect(self._draw_histograms)
+        srow = QHBoxLayout()
+        srow.addWidget(self.sigma_mask)
+        srow.addWidget(self.sigma_limit)
+        srow.addStretch(1)
         self.tabs = QTabWidget()
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
@@ -234,6 +256,8 @@ class MappingWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addWidget(run_box)
         lay.addWidget(self.grid)
+        lay.addLayout(srow)
+        lay.addWidget(self.hist_z)
         lay.addWidget(self.tabs, 1)
         # Run / Cancel and the status stay in view below the scrolling part
         footer = QWidget()
@@ -404,10 +428,44 @@ class MappingWidget(QWidget):
         if self.grid.isChecked():
             self.set_grid(True)
 
-    def _draw_histograms(self) -> None:
+    def _sigma_mask_changed(self, *_: Any) -> None:
+        self.session.set_max_sigma(self.sigma_limit.value() if self.sigma_mask.isChecked()
+                                   else None)
+
+    def residual_z(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per method and component, ``(estimate - truth) / sigma`` within single grains
+        (issue 13); ``{}`` without ground truth or error bars."""
+        gt = self.session.ground_truth
+        if gt is None or not self.session.results:
+            return {}
+        from ..strain import wrap_angle
+        from ..uncertainty import interior_mask
+
+        gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
+        where = interior_mask(gt.grains, gt.sample)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for name, m in self.session.results.items():
+            if m.maps.sigma is None or np.shape(m.maps.exx) != np.shape(gt.exx):
+                continue
+            out[name] = {}
+            for comp in MAP_NAMES:
+                err = np.asarray(getattr(m.maps, comp), float) - np.asarray(getattr(gt, comp))
+                if comp == "theta":
+                    err = wrap_angle(err, gt.symmetry_deg)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    z = err / np.asarray(m.maps.sigma[comp], float)
+                out[name][comp] = z[where & np.isfinite(z)]
+        return out
+
+    def _draw_histograms(self, *_: Any) -> None:
         fig = self.hist_figure
         fig.clear()
         results = self.session.results
+        zs = self.residual_z()
+        self.hist_z.setEnabled(bool(zs))
+        if self.hist_z.isChecked() and zs:
+            self._draw_z_histograms(zs)
+            return
         if not results:
             fig.text(0.5, 0.5, "histograms of the maps appear here after a run",
                      ha="center", va="center", color="#b0b0b0", fontsize=9)
@@ -434,6 +492,29 @@ class MappingWidget(QWidget):
                     ax.hist(np.clip(f, -lim, lim), bins=bins, histtype="step", linewidth=1.4,
                             color=method_colour(name), label=method_label(name))
         axes[0, 0].legend(fontsize=7, framealpha=0.5)
+        fig.tight_layout(pad=0.6)
+        self.hist_canvas.draw_idle()
+
+    def _draw_z_histograms(self, zs: dict[str, dict[str, np.ndarray]]) -> None:
+        fig = self.hist_figure
+        axes = fig.subplots(2, 2)
+        bins = np.linspace(-5, 5, 41)
+        x = np.linspace(-5, 5, 201)
+        for ax, comp in zip(axes.ravel(), MAP_NAMES, strict=True):
+            ax.set_facecolor("#262930")
+            ax.tick_params(colors="#d0d0d0", labelsize=7)
+            for s in ax.spines.values():
+                s.set_color("#808080")
+            ax.set_title(f"{comp}: (est \u2212 truth) / \u03c3", color="#e0e0e0", fontsize=8)
+            for name, row in zs.items():
+                z = row[comp]
+                if z.size:
+                    ax.hist(np.clip(z, -5, 5), bins=bins, histtype="step", linewidth=1.4,
+                            density=True, color=method_colour(name),
+                            label=f"{method_label(name)} (std {np.std(z):.2f})")
+            ax.plot(x, np.exp(-x * x / 2) / np.sqrt(2 * np.pi), color="#e0e0e0",
+                    linewidth=0.8, linestyle="--")
+            ax.legend(fontsize=6, framealpha=0.5)
         fig.tight_layout(pad=0.6)
         self.hist_canvas.draw_idle()
 

@@ -304,11 +304,16 @@ class ProbeInspector(QWidget):
                                      else "background"))
                 continue
             e = [float(getattr(m.maps, k)[r, c]) for k in ("exx", "eyy", "exy", "theta")]
+            # issue 13: value +- one standard deviation where the method gave error bars
+            sig = m.maps.sigma
+            s = ["" if sig is None or not np.isfinite(sig[k][r, c])
+                 else f" &plusmn; {(100 if k != 'theta' else 1) * float(sig[k][r, c]):.3f}"
+                 for k in ("exx", "eyy", "exy", "theta")]
             lines.append(
                 head + f"{'sample' if raw_sample else 'background'}<br>"
                 f"<tt>A = [[{A[0, 0]:+.4f}, {A[0, 1]:+.4f}], [{A[1, 0]:+.4f}, {A[1, 1]:+.4f}]]"
-                f"</tt><br>exx {100 * e[0]:+.2f} %, eyy {100 * e[1]:+.2f} %, "
-                f"exy {100 * e[2]:+.2f} %, &theta; {e[3]:+.2f}&deg;")
+                f"</tt><br>exx {100 * e[0]:+.3f}{s[0]} %, eyy {100 * e[1]:+.3f}{s[1]} %, "
+                f"exy {100 * e[2]:+.3f}{s[2]} %, &theta; {e[3]:+.3f}{s[3]}&deg;")
         gt = self.session.ground_truth
         if gt is not None and gt.sample[r, c]:
             lines.append(f"<b>ground truth</b>: exx {100 * gt.exx[r, c]:+.2f} %, eyy "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["register", "format_table"]
+__all__ = ["register", "format_table", "format_calibration"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +34,29 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_calibration(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Calibration of the error bars (issue 13): per method and component the standard
+    deviation of ``(estimate - truth) / sigma`` (honest: 1) and the share within 2 sigma
+    (honest: 95 %), within single grains. Empty when no method carries sigma maps."""
+    if not table:
+        return ""
+    comps = ("exx", "eyy", "exy", "theta")
+    lines = ["error-bar calibration within grains: std of (estimate - truth)/sigma "
+             "[share within 2 sigma]",
+             f"{'method':<10} " + " ".join(f"{c:>14}" for c in comps)]
+    for name, row in table.items():
+        cells = []
+        for c in comps:
+            r = row[c]
+            cells.append(f"{r['std_z']:.2f} [{100 * r['cover2']:.0f}%]".rjust(14))
+        lines.append(f"{name:<10} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..io.ground_truth import read_ground_truth
     from ..io.results import read_results
-    from ..pipeline import compare_to_truth
+    from ..pipeline import calibration_to_truth, compare_to_truth
 
     groups = read_results(args.result)
     truth_path = args.truth or Path(next(iter(groups.values())).input_file or "")
@@ -57,4 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         groups = {k: g.with_reference(args.reference) for k, g in groups.items()}
     print(format_table(compare_to_truth(groups, truth)))
+    calib = format_calibration(calibration_to_truth(groups, truth))  # issue 13
+    if calib:
+        print(calib)
     return 0

@@ -97,7 +97,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({', '.join(groups)}; reference {ref}; {n} patterns in "
           f"{seconds:.1f} s)")
     if truth is not None:
-        from .compare import format_table
+        from ..pipeline import calibration_to_truth
+        from .compare import format_calibration, format_table
 
         print(format_table(compare_to_truth(groups, truth)))
+        calib = format_calibration(calibration_to_truth(groups, truth))  # issue 13
+        if calib:
+            print(calib)
     return 0

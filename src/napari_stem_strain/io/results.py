@@ -3,7 +3,10 @@
 One HDF5 file per run, one group per method (``/ae``, ``/py4dstem``), each holding float32
 ``exx, eyy, exy, theta`` of shape ``(Rx, Ry)`` and ``A`` of shape ``(Rx, Ry, 2, 2)``, plus the raw
 (un-normalised) ``A_raw`` and the ``sample`` mask so that moving the reference region later
-recomputes the maps without re-running a method. Attributes record the reference region, the
+recomputes the maps without re-running a method. A method that estimates its precision adds
+``sigma_exx, sigma_eyy, sigma_exy, sigma_theta`` (one standard deviation, same units as the
+map) and the raw ``A_cov`` ``(Rx, Ry, 4, 4)`` they come from (so a new reference region
+recomputes them too); files without them stay valid. Attributes record the reference region, the
 input file, the software version, the method's settings (JSON) and the seconds taken.
 
 Writes go to a temporary file in the same folder that is renamed over the final name, so a
@@ -42,9 +45,12 @@ __all__ = [
     "check_writable",
     "check_not_input",
     "MAP_NAMES",
+    "SIGMA_NAMES",
 ]
 
 MAP_NAMES = ("exx", "eyy", "exy", "theta")
+#: Dataset names of the per-position standard deviations (CONVENTIONS.md).
+SIGMA_NAMES = tuple(f"sigma_{k}" for k in MAP_NAMES)
 
 
 class ResultFileError(ValueError):
@@ -66,6 +72,8 @@ class MethodMaps:
     input_file: str = ""
     #: the input file's size, mtime and block checksum when the run started (``io.stamp``)
     input_stamp: dict[str, Any] = field(default_factory=dict)
+    #: covariance of ``A_raw`` (Rx, Ry, 4, 4), row-major; None: the method gave none
+    A_cov: np.ndarray | None = None
 
     @classmethod
     def from_result(
@@ -73,19 +81,23 @@ class MethodMaps:
     ) -> MethodMaps:
         """Build from a :class:`~napari_stem_strain.methods.base.MethodResult`."""
         ref = reference if isinstance(reference, str) else format_region(reference)
-        maps = strain_maps(result.A, ref, result.symmetry_deg, mask=result.sample)
+        A_cov = getattr(result, "A_cov", None)
+        A_cov = None if A_cov is None else np.asarray(A_cov, np.float32)
+        maps = strain_maps(result.A, ref, result.symmetry_deg, mask=result.sample, A_cov=A_cov)
         # absolute: a relative name means nothing once the result is read from elsewhere
         source = os.path.abspath(input_file) if str(input_file) else ""
         return cls(result.method, maps, np.asarray(result.A, np.float32),
                    np.asarray(result.sample, bool), ref, result.symmetry_deg,
-                   dict(result.settings), float(result.seconds), source)
+                   dict(result.settings), float(result.seconds), source, A_cov=A_cov)
 
     def with_reference(self, reference: str | tuple[slice, slice]) -> MethodMaps:
         """The same result seen from another reference region (no method re-run)."""
         ref = reference if isinstance(reference, str) else format_region(reference)
-        maps = strain_maps(self.A_raw, ref, self.symmetry_deg, mask=self.sample)
+        maps = strain_maps(self.A_raw, ref, self.symmetry_deg, mask=self.sample,
+                           A_cov=self.A_cov)
         return MethodMaps(self.method, maps, self.A_raw, self.sample, ref, self.symmetry_deg,
-                          self.settings, self.seconds, self.input_file, dict(self.input_stamp))
+                          self.settings, self.seconds, self.input_file, dict(self.input_stamp),
+                          self.A_cov)
 
 
 def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> None:
@@ -154,6 +166,11 @@ def _write_group(h5: h5py.File, m: MethodMaps) -> None:
         g.create_dataset(name, data=np.asarray(arr, np.float32))
     g.create_dataset("A_raw", data=np.asarray(m.A_raw, np.float32))
     g.create_dataset("sample", data=np.asarray(m.sample, bool))
+    if m.maps.sigma is not None:
+        for k in MAP_NAMES:
+            g.create_dataset(f"sigma_{k}", data=np.asarray(m.maps.sigma[k], np.float32))
+    if m.A_cov is not None:
+        g.create_dataset("A_cov", data=np.asarray(m.A_cov, np.float32))
     g.attrs["reference"] = m.reference
     g.attrs["symmetry_deg"] = float(m.symmetry_deg)
     g.attrs["settings"] = json.dumps(m.settings, default=str)
@@ -364,7 +381,14 @@ def read_results(path: str | os.PathLike) -> dict[str, MethodMaps]:
                     )
             if g["A"].shape != (*shape, 2, 2):
                 raise ResultFileError(f"{path}: /{name}/A has shape {g['A'].shape}")
-            maps = StrainMaps(*(g[k][()] for k in (*MAP_NAMES, "A")))
+            sigma = None
+            if all(k in g for k in SIGMA_NAMES):  # older files have none: still valid
+                if any(g[k].shape != shape for k in SIGMA_NAMES):
+                    raise ResultFileError(f"{path}: /{name} sigma maps are not of shape {shape}")
+                sigma = {k: g[f"sigma_{k}"][()] for k in MAP_NAMES}
+            A_cov = g["A_cov"][()] if "A_cov" in g and g["A_cov"].shape == (*shape, 4, 4) \
+                else None
+            maps = StrainMaps(*(g[k][()] for k in (*MAP_NAMES, "A")), sigma=sigma)
             A_raw = g["A_raw"][()] if "A_raw" in g else maps.A
             sample = g["sample"][()] if "sample" in g else np.isfinite(maps.exx)
             ref = str(g.attrs.get("reference", h5.attrs.get("reference", "")))
@@ -374,6 +398,7 @@ def read_results(path: str | os.PathLike) -> dict[str, MethodMaps]:
             out[name] = MethodMaps(
                 name, maps, A_raw, sample, ref, float(g.attrs.get("symmetry_deg", 360.0)),
                 settings, float(g.attrs.get("seconds", 0.0)), str(g.attrs.get("input_file", "")),
+                A_cov=A_cov,
             )
     if not out:
         raise ResultFileError(f"{path}: holds no method group (/ae, /py4dstem, ...)")

@@ -26,6 +26,7 @@ __all__ = [
     "find_basis",
     "fit_lattice",
     "index_pattern",
+    "lattice_covariance",
     "reduce_basis",
 ]
 
@@ -39,6 +40,9 @@ class LatticeFit:
     origin: np.ndarray
     n_indexed: int
     rms: float
+    #: (2, 2) covariance of ``g1, g2`` (the same for their x and y components, which are
+    #: independent), see :func:`lattice_covariance`; None until computed
+    cov_g: np.ndarray | None = None
 
     @property
     def G(self) -> np.ndarray:
@@ -88,6 +92,33 @@ def fit_lattice(
     sw = np.sqrt(weights)[:, None]
     coef, *_ = np.linalg.lstsq(M * sw, peaks * sw, rcond=None)
     return coef[1], coef[2], coef[0]
+
+
+def lattice_covariance(peaks: np.ndarray, hk: np.ndarray, weights: np.ndarray,
+                       fit: LatticeFit) -> np.ndarray:
+    """Covariance ``(2, 2)`` of ``(g1, g2)`` from the weighted fit :func:`fit_lattice` made.
+
+    Each axis of ``peaks = origin + h g1 + k g2`` is a linear least-squares problem with design
+    ``[1, h, k]`` and the same weights, so both share ``(M^T W M)^-1``; its ``g`` block scaled
+    by the reduced chi-square of the residuals (``2n`` coordinates, 6 parameters) is the
+    covariance. Why residual-based: the weights (disk intensities) only say how disks compare,
+    not how many pixels of scatter one has; the residuals do, and they include model error (a
+    peak finder's sub-pixel bias, a disk cut by the detector edge) the intensities never show.
+    NaN with fewer than 4 peaks (no degree of freedom left).
+    """
+    hk = np.asarray(hk, float)
+    w = np.asarray(weights, float)
+    M = np.column_stack([np.ones(len(hk)), hk[:, 0], hk[:, 1]])
+    res = np.asarray(peaks, float) - fit.origin - hk @ fit.G.T
+    dof = 2 * len(hk) - 6
+    if dof <= 0:
+        return np.full((2, 2), np.nan)
+    s2 = float(np.sum(w[:, None] * res ** 2)) / dof
+    try:
+        Minv = np.linalg.inv((M * w[:, None]).T @ M)
+    except np.linalg.LinAlgError:
+        return np.full((2, 2), np.nan)
+    return s2 * Minv[1:, 1:]
 
 
 def _assign(
@@ -161,10 +192,11 @@ def find_basis(
 def _trim_outliers(
     peaks: np.ndarray, hk: np.ndarray, keep: np.ndarray, w: np.ndarray, fit: LatticeFit,
     min_peaks: int, max_drop: int = 5,
-) -> LatticeFit:
+) -> tuple[LatticeFit, np.ndarray]:
     """Drop, one at a time, disks far off the fitted lattice (beyond 4 robust sigmas, at least
     0.25 px) and refit. Such a disk is real but mis-measured - typically cut by the detector
-    edge - and within the indexing tolerance it would drag the whole fit by a pixel."""
+    edge - and within the indexing tolerance it would drag the whole fit by a pixel. Returns
+    the fit and the disks it kept."""
     keep = keep.copy()
     for _ in range(max_drop):
         res = np.linalg.norm(peaks - fit.origin - hk @ fit.G.T, axis=1)
@@ -183,7 +215,7 @@ def _trim_outliers(
         r = peaks[keep] - origin - hk[keep] @ G.T
         fit = LatticeFit(g1, g2, origin, int((keep & np.any(hk != 0, axis=1)).sum()),
                          float(np.sqrt(np.mean(np.sum(r**2, 1)))))
-    return fit
+    return fit, keep
 
 
 def index_pattern(
@@ -254,7 +286,8 @@ def index_pattern(
             break
         prev_keep = keep
     if fit is not None and prev_keep is not None:
-        fit = _trim_outliers(peaks, hk, prev_keep, w_all, fit, min_peaks)
+        fit, kept = _trim_outliers(peaks, hk, prev_keep, w_all, fit, min_peaks)
+        fit.cov_g = lattice_covariance(peaks[kept], hk[kept], w_all[kept], fit)  # issue 13
     if fit is None or fit.rms > max_rms:
         return IndexResult(None, signal)
     # sanity: the fitted cell must stay close to the (rotated) basis cell

@@ -58,7 +58,10 @@ class MethodResult:
     ``A``: ``(Rx, Ry, 2, 2)`` float32 raw affine per position (NaN where not fitted);
     ``sample``: ``(Rx, Ry)`` bool, True for crystal, False for vacuum/background;
     ``settings``: the parameters the method used (derived or given), for the result file;
-    ``seconds``: wall time; ``extras``: the per-position outputs declared with ``extra=True``.
+    ``seconds``: wall time; ``extras``: the per-position outputs declared with ``extra=True``;
+    ``A_cov``: optional ``(Rx, Ry, 4, 4)`` float32 covariance of the raw ``A`` (flattened
+    row-major), NaN where ``A`` is NaN - what the per-position error bars come from
+    (:mod:`napari_stem_strain.uncertainty`); None when the method does not estimate it.
     """
 
     method: str
@@ -68,6 +71,7 @@ class MethodResult:
     seconds: float = 0.0
     symmetry_deg: float = 360.0
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    A_cov: np.ndarray | None = None
 
 
 #: How the runner combines an output's block values: ``nav`` - per position, each block's

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..strain import check_region, lattice_symmetry, parse_region
+from ..uncertainty import basis_to_affine_covariance
 from ._py4dstem_lattice import find_basis, index_pattern
 from ._py4dstem_probe import (
     aligned_mean,
@@ -46,8 +47,11 @@ from ._py4dstem_probe import (
     vacuum_split,
 )
 from .base import (
+    A_OUTPUT,
+    SAMPLE_OUTPUT,
     BlockMethod,
     MethodResult,
+    Output,
     ProgressCallback,
     StopCallback,
     check_stop,
@@ -331,8 +335,9 @@ class Py4DSTEMMethod(BlockMethod):
 
     # ------------------------------------------------------------------ blocks
     def process_block(self, block: np.ndarray, r0: int, sample_mask: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw ``A`` ``(n, Ry, 2, 2)`` (NaN where unfitted or vacuum) and the sample mask
+                      ) -> dict[str, np.ndarray]:
+        """Raw ``A`` ``(n, Ry, 2, 2)`` (NaN where unfitted or vacuum), its covariance and the
+        sample mask
         (``sample_mask``: the block's rows of the user's mask, when one was given)."""
         st = self._state()
         n, Ry = block.shape[:2]
@@ -347,6 +352,7 @@ class Py4DSTEMMethod(BlockMethod):
         else:
             sample = np.ones(n * Ry, bool)
         binv = np.linalg.inv(st.basis)
+        cov = np.full((n * Ry, 4, 4), np.nan, np.float32)  # covariance of the raw A
         for i, (peaks, inten) in enumerate(found):
             res = index_pattern(peaks, inten, st.basis, st.symmetry_deg, st.tolerance,
                                 min_peaks=st.min_peaks, max_strain=float(self.opts["max_strain"]),
@@ -355,13 +361,25 @@ class Py4DSTEMMethod(BlockMethod):
                 sample[i] = res.signal > st.vacuum_threshold
             if sample[i] and res.fit is not None and not broken[i]:
                 A[i] = res.fit.G @ binv
-        return A.reshape(n, Ry, 2, 2), sample.reshape(n, Ry)
+                if res.fit.cov_g is not None:
+                    cov[i] = basis_to_affine_covariance(res.fit.cov_g, binv)
+        return {"A": A.reshape(n, Ry, 2, 2), "sample": sample.reshape(n, Ry),
+                "A_cov": cov.reshape(n, Ry, 4, 4)}
+
+    def outputs(self) -> tuple[Output, ...]:
+        """``A``, ``sample`` and the covariance of the raw ``A`` (row-major 4x4, from the
+        weighted lattice fit; it becomes :attr:`MethodResult.A_cov`)."""
+        return (A_OUTPUT, SAMPLE_OUTPUT, Output("A_cov", (4, 4), "float32", np.nan))
 
     def finish(self, out: dict[str, np.ndarray], seconds: float) -> MethodResult:
         self._state()
         A = np.asarray(out["A"], np.float32).copy()
         A[~out["sample"]] = np.nan
-        return self.result(out, seconds, A=A)
+        res = self.result(out, seconds, A=A)
+        # no error bar where there is no value
+        res.A_cov = np.where(np.isfinite(A).all((2, 3))[..., None, None], out["A_cov"],
+                             np.nan).astype(np.float32)
+        return res
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.opts.items()}

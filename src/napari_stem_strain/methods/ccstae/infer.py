@@ -265,7 +265,7 @@ class Engine:
         return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x,
                 "disk_fit": torch.cat([ex["coef"], ex["cond"].flatten(-2), ex["var4"][..., None],
                                        ex["dfrac"], ex["ok"][..., None].float()], -1),
-                "A_prev": ex["A_prev"], "t_prev": ex["t_prev"]}
+                "A_prev": ex["A_prev"], "t_prev": ex["t_prev"], "A_cov": ex["A_cov"]}
 
     def _search(self, pats: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Exhaustive angular search over one symmetry period (2 deg, then 0.5 deg)."""
@@ -305,11 +305,14 @@ class CCSTAEMethod(BlockMethod):
         return self.inputs().get("sample_mask")
 
     def outputs(self) -> tuple[Output, ...]:
-        """``A``, ``sample``, the classifier's crystal probability (an extra), and - when the
-        last step is pooled (see :meth:`finish`) - per position what redoing that step needs:
-        per disk [8 coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok]
-        (``DISK_FIT`` floats), and [A (4), t (2)] before the last step."""
-        out = (A_OUTPUT, SAMPLE_OUTPUT, Output("class_prob", (), "float32", np.nan, extra=True))
+        """``A``, ``sample``, the classifier's crystal probability (an extra), the covariance
+        of the raw ``A`` (row-major 4x4, from the last Gauss-Newton step's weighted disk fit;
+        it becomes :attr:`MethodResult.A_cov`) and - when the last step is pooled (see
+        :meth:`finish`) - per position what redoing that step needs: per disk [8
+        coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok] (``DISK_FIT``
+        floats), and [A (4), t (2)] before the last step."""
+        out = (A_OUTPUT, SAMPLE_OUTPUT, Output("class_prob", (), "float32", np.nan, extra=True),
+               Output("A_cov", (4, 4), "float32", np.nan))
         if self.pool_radius > 0:
             if self.engine is None:
                 raise RuntimeError("prepare() must run before outputs() (the disk count)")
@@ -365,6 +368,7 @@ class CCSTAEMethod(BlockMethod):
         K = int(self.engine.P.shape[0])
         disk_fit = np.zeros((N, K, DISK_FIT), np.float32) if pooled else None
         last_step = np.zeros((N, 6), np.float32) if pooled else None
+        A_cov = np.full((N, 4, 4), np.nan, np.float32)
         for i in range(0, N, self.batch_size):
             out = self._run_shrinking(flat[i:i + self.batch_size], offset=r0 * Ry + i)
             rows = slice(i, i + len(out["A"]))
@@ -372,6 +376,7 @@ class CCSTAEMethod(BlockMethod):
             prob[rows] = out["prob"].cpu().numpy()
             n_found[rows] = out["n_disks"].cpu().numpy()
             ok[rows] = (out["n_disks"] >= MIN_DISKS).cpu().numpy()
+            A_cov[rows] = out["A_cov"].cpu().numpy()
             if pooled:
                 disk_fit[rows] = out["disk_fit"].cpu().numpy()
                 last = torch.cat([out["A_prev"].reshape(-1, 4), out["t_prev"]], -1)
@@ -386,7 +391,7 @@ class CCSTAEMethod(BlockMethod):
             sample = ok & ((prob > 0.5) | strong)
         A[~(sample & ok)] = np.nan
         rows_out = {"A": A.reshape(n, Ry, 2, 2), "sample": sample.reshape(n, Ry),
-                    "class_prob": prob.reshape(n, Ry)}
+                    "class_prob": prob.reshape(n, Ry), "A_cov": A_cov.reshape(n, Ry, 4, 4)}
         if pooled:
             rows_out["disk_fit"] = disk_fit.reshape(n, Ry, K, DISK_FIT)
             rows_out["last_step"] = last_step.reshape(n, Ry, 6)
@@ -419,23 +424,29 @@ class CCSTAEMethod(BlockMethod):
         return s
 
     def finish(self, out: dict[str, np.ndarray], seconds: float) -> MethodResult:
-        A = out["A"]
+        A, A_cov = out["A"], out["A_cov"]
         if self.pool_radius > 0 and self.engine is not None:
-            A = self._pooled(A, out["disk_fit"], out["last_step"])
-        return self.result(out, seconds, A=A)
+            A, A_cov = self._pooled(A, out["disk_fit"], out["last_step"], A_cov)
+        # no error bar where there is no value
+        A_cov = np.where(np.isfinite(A).all((2, 3))[..., None, None], A_cov, np.nan)
+        res = self.result(out, seconds, A=A)
+        res.A_cov = A_cov.astype(np.float32)
+        return res
 
     def _pooled(self, A: np.ndarray, disk_fit: np.ndarray, last_step: np.ndarray,
-                rows: int = 16) -> np.ndarray:
+                A_cov: np.ndarray, rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """Redo every fitted position's last Gauss-Newton step with its disks' background ramp
         and intensity gradient pooled over neighbours of the same grain (see
         :func:`.refine.pooled_coefficients`). Done in bands of ``rows`` scan rows (plus the
-        pooling window's halo), so the temporaries stay small whatever the scan size."""
+        pooling window's halo), so the temporaries stay small whatever the scan size.
+        Returns the new ``A`` and its covariance (``(Rx, Ry, 4, 4)``, NaN where not redone)."""
         eng = self.engine
         Rx, Ry, K = disk_fit.shape[:3]
         rad = self.pool_radius
         h = float(eng.tpl.offsets.abs().max())
         P = eng.P.cpu()
         out = np.array(A, np.float32, copy=True)
+        cov_all = np.array(A_cov, np.float32, copy=True)
         good_all = np.isfinite(A).all(axis=(2, 3))
         for r0 in range(0, Rx, rows):
             r1 = min(Rx, r0 + rows)
@@ -453,14 +464,17 @@ class CCSTAEMethod(BlockMethod):
                 continue
             n = (r1 - r0) * Ry
             last = torch.from_numpy(last_step[r0:r1]).reshape(n, 6)[sel]
+            cov: dict = {}
             A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
                                         ok[band].reshape(n, K)[sel],
                                         fit[band][..., FIT_DFRAC].reshape(n, K, 2)[sel],
                                         last[:, :4].reshape(-1, 2, 2), last[:, 4:], P,
-                                        eng.geom.L, h, wts[band].reshape(n, K)[sel])
+                                        eng.geom.L, h, wts[band].reshape(n, K)[sel],
+                                        cov_out=cov)
             view = out[r0:r1].reshape(n, 2, 2)
             view[sel.numpy()] = A_new.numpy()
-        return out
+            cov_all[r0:r1].reshape(n, 4, 4)[sel.numpy()] = cov["A_cov"].numpy()
+        return out, cov_all
 
 
 def run_ccstae(dataset: Any, model: Model | str | Path | None = None, device: str = "auto",

@@ -45,7 +45,7 @@ def sqrt_samples(pats: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear") 
 
 __all__ = ["DiskTemplate", "make_template", "gather_patches", "lattice_points", "refine",
            "angular_search", "fit_lattice", "condition", "pool_nuisance",
-           "pooled_coefficients"]
+           "pooled_coefficients", "affine_update", "affine_covariance"]
 
 
 #: Columns of the 8-column disk fit left free (gain, offset, shift) and fixed (background
@@ -568,7 +568,8 @@ def refine(
     ``extra``, when given, receives what redoing the last step with pooled nuisances needs
     (see :func:`pooled_coefficients`): :func:`poisson_fit`'s ``coef`` (B,K,8), ``cond``
     (B,K,3,4) and ``var4`` (B,K), the sub-pixel offsets ``dfrac`` (B,K,2), the disks used
-    ``ok`` (B,K), and ``A_prev`` / ``t_prev`` (before the last step).
+    ``ok`` (B,K), and ``A_prev`` / ``t_prev`` (before the last step); and ``A_cov`` (B,4,4),
+    the covariance of the returned ``A`` (:func:`affine_covariance`).
     """
     B = A.shape[0]
     Q0, Q1 = pats.shape[-2:]
@@ -626,7 +627,9 @@ def refine(
             if extra is not None:
                 extra.update(coef=pf["coef8"], cond=pf["cond"], var4=pf["var4"], dfrac=dfrac,
                              ok=ok, A_prev=A, t_prev=t)
-        A_new, t_new, rms = affine_update(coef, ok, dfrac, A, t, P, L, h, wts)
+        last = step == max(1, steps) - 1
+        A_new, t_new, rms = affine_update(coef, ok, dfrac, A, t, P, L, h, wts,
+                                          cov_out=extra if (last and extra is not None) else None)
         # a pattern with no usable disk gives a singular update (NaN): it keeps its previous
         # transform and counts no disk, so it ends as background rather than poisoning the
         # next step's pixel indices (seen on a 6-bit Merlin file without a direct beam)
@@ -690,7 +693,7 @@ def poisson_fit(patch: torch.Tensor, ph: torch.Tensor, coef8: torch.Tensor,
 
 def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: torch.Tensor,
                   t: torch.Tensor, P: torch.Tensor, L: float, h: float,
-                  weight: torch.Tensor | None = None
+                  weight: torch.Tensor | None = None, cov_out: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Gauss-Newton update of ``A`` and ``t`` from the per-disk fits ``coef`` (B,K,6).
 
@@ -698,7 +701,10 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
     (``d = dA p + dt``); ``weight`` (B,K) is each disk's inverse shift variance (default
     ``a^2``: the position variance of a disk under uniform sqrt-Poisson noise scales as
     ``1/a^2``). Returns ``(A, t, rms)``, ``rms`` the weighted scatter (px) the
-    affine update leaves unexplained."""
+    affine update leaves unexplained.
+
+    ``cov_out``, when given, receives ``"A_cov"`` (B,4,4): the covariance of the updated
+    ``A`` (row-major), see :func:`affine_covariance`."""
     K = P.shape[0]
     X = torch.cat([P, torch.ones(K, 1, dtype=P.dtype, device=P.device)], 1)  # (K,3)
     a = coef[..., 0]
@@ -714,8 +720,36 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
     A = A + sol[:, :2, :].transpose(1, 2) / L
     t = t + sol[:, 2, :]
     res = d - X[None] @ sol
-    rms = torch.sqrt((w * (res ** 2).sum(-1)).sum(1) / w.sum(1).clamp_min(1e-30))
+    chi2 = (w * (res ** 2).sum(-1)).sum(1)
+    rms = torch.sqrt(chi2 / w.sum(1).clamp_min(1e-30))
+    if cov_out is not None:
+        cov_out["A_cov"] = affine_covariance(M.double() + ridge.double(), chi2, (w > 0).sum(1),
+                                             L)
     return A, t, rms
+
+
+def affine_covariance(M: torch.Tensor, chi2: torch.Tensor, n_disks: torch.Tensor, L: float
+                      ) -> torch.Tensor:
+    """Covariance (B,4,4) of ``A`` from :func:`affine_update`'s weighted disk-shift fit.
+
+    ``M`` (B,3,3) is the fit's normal matrix ``X^T W X``, ``chi2`` (B,) its weighted residual
+    sum over the ``n_disks`` disks used (2 coordinates each, 6 parameters). Why the residual
+    scale (``chi2 / (2 n - 6)``) and not the weights' absolute values: the Poisson weights
+    assume detector counts of one per electron and a perfect disk model; a detector gain, a
+    background the template lacks or dynamical contrast inside a disk all scatter the disks
+    beyond that, and the residuals measure exactly that scatter (the error bars then stay
+    calibrated on data the model does not describe perfectly). ``A += sol^T / L``, so
+    ``cov(A_ij, A_kl) = delta_ik s2 Minv_jl / L^2``; NaN where fewer than 4 disks were used.
+    """
+    Minv = torch.linalg.inv(M)[:, :2, :2]
+    dof = 2.0 * n_disks.double() - 6.0
+    s2 = torch.where(dof > 0, chi2.double() / dof.clamp_min(1.0),
+                     torch.full_like(dof, float("nan")))
+    C = Minv * (s2 / L ** 2)[:, None, None]
+    cov = torch.zeros(C.shape[0], 4, 4, dtype=C.dtype, device=C.device)
+    cov[:, :2, :2] = C
+    cov[:, 2:, 2:] = C
+    return cov.float()
 
 
 def condition(coef8: torch.Tensor, ph: torch.Tensor, tpl: DiskTemplate) -> torch.Tensor:
