@@ -161,9 +161,10 @@ def test_blocks_are_independent(scan: dict) -> None:
     # the prepared method is self-contained: a pickled copy (a dask worker's) gives the same
     import pickle
 
-    A, s = pickle.loads(pickle.dumps(m)).process_block(data[1:2], 1)
-    np.testing.assert_array_equal(A, one.A[1:2])
-    np.testing.assert_array_equal(s, one.sample[1:2])
+    rows = pickle.loads(pickle.dumps(m)).process_block(data[1:2], 1)
+    np.testing.assert_array_equal(rows["A"], one.A[1:2])
+    np.testing.assert_array_equal(rows["sample"], one.sample[1:2])
+    np.testing.assert_array_equal(rows["A_cov"], one.A_cov[1:2])
 
 
 def test_no_figures_left_open(scan: dict) -> None:
