@@ -97,22 +97,22 @@ class Assembly:
         return (sum(b - a for a, b, _ in self.buffer)
                 + sum(b - a for a, (b, _) in self.pending.items()))
 
-    def _bands(self, upto: int):
-        """The bands ``(r0, r1, h0, h1)`` not yet consumed whose rows and halo lie in
-        ``0:upto``."""
+    def _next_band(self, upto: int) -> tuple[int, int, int, int] | None:
+        """The next band ``(r0, r1, h0, h1)`` if its rows and halo lie in ``0:upto``
+        (marked consumed), else None."""
         Rx = self.scan_shape[0]
         band, halo = int(self.consumer.rows), int(self.consumer.halo)
-        while self.next_band < Rx:
-            r0 = self.next_band
-            r1 = min(Rx, r0 + band)
-            h1 = min(Rx, r1 + halo)
-            if h1 > upto:
-                return
-            yield r0, r1, max(0, r0 - halo), h1
-            self.next_band = r1
+        r0 = self.next_band
+        r1 = min(Rx, r0 + band)
+        h1 = min(Rx, r1 + halo)
+        if r0 >= Rx or h1 > upto:
+            return None
+        self.next_band = r1
+        return r0, r1, max(0, r0 - halo), h1
 
     def _feed(self) -> None:
-        for r0, r1, h0, h1 in self._bands(self.arrived):
+        while (band := self._next_band(self.arrived)) is not None:
+            r0, r1, h0, h1 = band
             window = {o.name: self._rows(o.name, h0, h1) for o in self.window}
             self.consumer.consume(r0, r1, h0, window, self.arrays)
             # rows above the next band's halo are needed by no band any more
@@ -138,7 +138,8 @@ class Assembly:
                 raise RuntimeError(f"rows from {self.arrived} on never arrived: the bands "
                                    f"from row {self.next_band} were not consumed")
         else:
-            for r0, r1, h0, h1 in self._bands(self.scan_shape[0]):
+            while (band := self._next_band(self.scan_shape[0])) is not None:
+                r0, r1, h0, h1 = band
                 window = {o.name: self.arrays[o.name][h0:h1] for o in self.window}
                 self.consumer.consume(r0, r1, h0, window, self.arrays)
         produced = self.consumer.results()
