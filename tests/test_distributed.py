@@ -371,6 +371,21 @@ def test_block_that_kills_every_worker_gives_clear_error(h5file):
                         block_bytes=5 * 8 * 8 * 4)
 
 
+def test_windowed_outputs_identical_on_dask(h5file, threads_cluster):
+    """An output declared window=True is fed to the method's band consumer as rows complete
+    (blocks of one row, in completion order on two workers): the result equals one
+    process's, and the bands arrive in row order."""
+    from test_block_contract import Smoothed
+
+    with open_h5(h5file) as ds:
+        ref = run_method(Smoothed(rows=3, halo=2), ds, windowed=False)
+        res = run_method_dask(Smoothed(rows=3, halo=2), ds, threads_cluster.scheduler_address,
+                              block_bytes=SHAPE[1] * 8 * 8 * 4)
+    np.testing.assert_array_equal(res.extras["smooth"], ref.extras["smooth"])
+    assert res.extras["bands"] == [(r, min(13, r + 3)) for r in range(0, 13, 3)]
+    assert_same(res, ref)
+
+
 # ---------------------------------------------------------------------------- real methods
 
 

@@ -13,7 +13,11 @@ does, only the ``process_block`` calls run on dask workers:
 4. each block's rows of the method's declared outputs (``A``, ``sample`` and whatever else
    it declares, see :class:`~napari_stem_strain.methods.base.Output`) come back and are
    assembled by the same :class:`~napari_stem_strain.methods.runner.Assembly` as in one
-   process; ``method.finish`` runs on the client. The scattered method is
+   process (outputs declared ``window=True`` are buffered only until the rows above them are
+   in, then fed band by band to the method's band consumer and dropped; so that an
+   unfinished block cannot make the client buffer the rest of the scan, no block is
+   submitted more than a few blocks ahead of the first unfinished one);
+   ``method.finish`` runs on the client. The scattered method is
    :meth:`~napari_stem_strain.methods.base.BlockMethod.for_workers` - frozen, without
    per-position state, so its size does not grow with the scan; the rows of per-position
    inputs (a sample mask) travel with each task.
@@ -385,9 +389,12 @@ def run_method_dask(
         blocks = block_ranges(Rx, _rows_for(dataset, budget, n_workers))
         run = _BlockRun(client, method, dataset, ref, inputs, retries, address,
                         no_worker_timeout, should_stop)
+        # windowed outputs: blocks completing ahead of an unfinished one wait on the client,
+        # so submit at most a few blocks per worker beyond the first unfinished block
+        ahead = max(4, 3 * n_workers) if out.windowed else None
         try:
             done_rows = 0
-            for i, (r0, r1, rows) in enumerate(run.results(blocks, n_workers), 1):
+            for i, (r0, r1, rows) in enumerate(run.results(blocks, n_workers, ahead), 1):
                 out.put(r0, r1, rows)
                 done_rows += r1 - r0
                 if progress is not None:
@@ -462,19 +469,27 @@ class _BlockRun:
                                      retries=self.retries, pure=False)
         self.pending[fut] = (r0, r1, self.method_f)
 
-    def results(self, blocks: list[tuple[int, int]], n_workers: int) -> Iterator[_Out]:
-        """``(r0, r1, rows of every declared output)`` of every block, in completion order."""
+    def results(self, blocks: list[tuple[int, int]], n_workers: int,
+                ahead: int | None = None) -> Iterator[_Out]:
+        """``(r0, r1, rows of every declared output)`` of every block, in completion order.
+        ``ahead``: submit no block more than this many blocks after the first block not yet
+        yielded (None: no such limit)."""
         from distributed import wait
         from distributed.scheduler import KilledWorker
 
         todo = list(reversed(blocks))
+        index = {r0: i for i, (r0, _) in enumerate(blocks)}
+        done = [False] * len(blocks)
+        first_open = 0
         # A file-backed run submits every (tiny) task at once; an in-memory one sends a few
         # blocks at a time so the client never holds more than a handful of them.
         window = len(blocks) if self.ref is not None else max(2, 2 * n_workers)
+        reach = len(blocks) if ahead is None else max(1, int(ahead))
         no_worker_since: float | None = None
         n_done = 0
         while todo or self.pending:
-            while todo and len(self.pending) < window:
+            while (todo and len(self.pending) < window
+                   and index[todo[-1][0]] < first_open + reach):
                 self.submit(*todo.pop())
             check_stop(self.should_stop)
             try:
@@ -494,6 +509,9 @@ class _BlockRun:
                         out = None
                 if out is not None:
                     n_done += 1
+                    done[index[r0]] = True
+                    while first_open < len(blocks) and done[first_open]:
+                        first_open += 1
                     yield out
                 elif fut.status == "error":
                     try:

@@ -16,6 +16,13 @@ and the runner - one process or dask - owns, fills and hands the whole arrays to
 Per-position *inputs* (a user's sample mask) are declared the same way and the runner slices
 their rows for each block. So a prepared method is frozen and small when pickled whatever the
 scan size, and the runner needs no knowledge of any method's internals.
+
+A per-position output that is scratch for a *local* post-processing step (a fit pooled over a
+few neighbouring rows) may be declared ``window=True``: the runner then never assembles it
+over the whole scan but feeds it, band by band in row order as rows complete, to the
+method's :class:`BandConsumer` (:meth:`BlockMethod.band_consumer`), and drops each row once
+no band's halo needs it. The side that calls ``finish`` so holds a window of a few bands of
+such an output, whatever the scan size and whatever order blocks complete in.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "A_OUTPUT",
+    "BandConsumer",
     "BlockMethod",
     "Cancelled",
     "MethodResult",
@@ -91,7 +99,9 @@ class Output:
     The runner allocates it filled with ``fill``, combines each block's value into it and
     hands it to :meth:`BlockMethod.finish`. ``extra=True`` puts it into
     ``MethodResult.extras`` (and so into the result file); ``extra=False`` marks scratch that
-    ``finish`` consumes.
+    ``finish`` consumes. ``window=True`` (a ``nav`` scratch output only) streams it to the
+    method's :class:`BandConsumer` band by band instead: it is never assembled whole and
+    ``finish`` does not receive it.
     """
 
     name: str
@@ -100,10 +110,14 @@ class Output:
     fill: Any = 0
     extra: bool = False
     kind: str = "nav"
+    window: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"output {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        if self.window and (self.kind != "nav" or self.extra):
+            raise ValueError(f"output {self.name!r}: only a per-position (kind='nav') scratch "
+                             "output (extra=False) can be windowed")
 
     def allocate(self, scan_shape: tuple[int, int]) -> np.ndarray | list:
         """The whole-scan array, before any block arrived (a list of ``(r0, items)`` for
@@ -158,6 +172,36 @@ A_OUTPUT = Output("A", (2, 2), "float32", np.nan)
 SAMPLE_OUTPUT = Output("sample", (), "bool", False)
 
 
+class BandConsumer:
+    """Client-side consumer of a method's windowed outputs (``Output(window=True)``).
+
+    The runner calls :meth:`consume` once per band of :attr:`rows` scan rows, in row order
+    (bands ``0:rows``, ``rows:2 rows``, ...), as soon as every row the band needs - the band
+    plus :attr:`halo` rows either side, clipped to the scan - has arrived, whatever order
+    blocks complete in; then :meth:`results` once, whose entries are added to what ``finish``
+    receives. A consumer must give the same result however it is fed, so a band sees exactly
+    the rows it would see if the whole scan were assembled first.
+    """
+
+    #: Scan rows per band.
+    rows: int = 16
+    #: Rows either side of a band that :meth:`consume` needs (rows of the windowed outputs).
+    halo: int = 0
+
+    def consume(self, r0: int, r1: int, h0: int, window: Mapping[str, np.ndarray],
+                assembled: Mapping[str, np.ndarray]) -> None:
+        """Process band ``r0:r1``. ``window[name]``: rows ``h0:h1`` of each windowed output
+        (``h0 = max(0, r0 - halo)``, ``h1 = min(Rx, r1 + halo)``); ``assembled``: the
+        runner's whole-scan arrays of the other outputs, complete in rows ``0:h1`` (read
+        them, never write them: a later band's halo may read those rows)."""
+        raise NotImplementedError
+
+    def results(self) -> dict[str, Any]:
+        """What the bands produced, added to the outputs ``finish`` receives (names that are
+        not declared outputs)."""
+        return {}
+
+
 class BlockMethod:
     """Base class of a strain method that streams the scan in blocks of rows.
 
@@ -174,7 +218,9 @@ class BlockMethod:
        block or many, here or on dask, gives identical results.
     3. :meth:`finish` receives every output assembled over the whole scan, may post-process
        them (e.g. a fit pooled over neighbouring positions) and returns the
-       :class:`MethodResult`.
+       :class:`MethodResult`. Outputs declared ``window=True`` are instead fed, band by band
+       as rows complete, to :meth:`band_consumer`'s consumer, and ``finish`` receives what
+       that consumer produced (:meth:`BandConsumer.results`).
     """
 
     name: str = "method"
@@ -193,6 +239,12 @@ class BlockMethod:
         """The per-position outputs :meth:`process_block` returns, ``A`` and ``sample`` first.
         Valid after :meth:`prepare` (a trailing shape may depend on the data)."""
         return (A_OUTPUT, SAMPLE_OUTPUT)
+
+    def band_consumer(self, scan_shape: tuple[int, int]) -> BandConsumer | None:
+        """A fresh consumer of the windowed outputs for one run over a scan of
+        ``scan_shape`` (needed when an output is declared ``window=True``; default: none).
+        Called on the side that calls ``finish``; its state is per run, never the method's."""
+        return None
 
     def inputs(self) -> Mapping[str, np.ndarray]:
         """Per-position inputs ``name -> (Rx, Ry, ...)`` whose rows the runner passes to

@@ -28,6 +28,7 @@ from ...strain import parse_region
 from ..base import (
     A_OUTPUT,
     SAMPLE_OUTPUT,
+    BandConsumer,
     BlockMethod,
     MethodResult,
     Output,
@@ -49,7 +50,8 @@ from .refine import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "CCSTAEMethod", "run_ccstae", "predict_pattern", "sample_patterns"]
+__all__ = ["Engine", "CCSTAEMethod", "PooledLastStep", "run_ccstae", "predict_pattern",
+           "sample_patterns"]
 
 #: Most base-lattice disks (beam included) the refinement uses, in whole rings (see
 #: :func:`select_disks`): more is more precise, fewer is faster; a hexagonal lattice on a
@@ -59,6 +61,9 @@ N_DISKS = 25
 #: in-disk intensity gradient are pooled (0: not pooled; each pattern then fits its own ramp
 #: and ignores the gradient).
 POOL_RADIUS = 4
+#: Scan rows per band of the pooled last step (see :class:`PooledLastStep`): the rows of the
+#: per-disk fits held at once are about this plus twice ``POOL_RADIUS``.
+POOL_BAND_ROWS = 16
 #: Alternations of "measure the beam centres with the template" and "rebuild the template
 #: from those centres" in :meth:`Engine.build`. A centre-of-mass centre errs by an amount
 #: that depends on the beam's sub-pixel phase; a template built from such centres is wrong
@@ -72,7 +77,7 @@ MIN_DISKS = 3
 #: :func:`.refine.refine`).
 REFINE_STEPS = 3
 #: Layout of the floats kept per disk per position for the pooled last step (see
-#: ``CCSTAEMethod._pooled``): the free 8-column fit, the 3x4 conditioning, the fixed fit's
+#: :class:`PooledLastStep`): the free 8-column fit, the 3x4 conditioning, the fixed fit's
 #: shift variance, the 2 sub-pixel offsets, and whether the disk was used.
 FIT_COEF, FIT_COND, FIT_VAR, FIT_DFRAC, FIT_OK = (slice(0, 8), slice(8, 20), 20,
                                                   slice(21, 23), 23)
@@ -310,16 +315,26 @@ class CCSTAEMethod(BlockMethod):
         it becomes :attr:`MethodResult.A_cov`) and - when the last step is pooled (see
         :meth:`finish`) - per position what redoing that step needs: per disk [8
         coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok] (``DISK_FIT``
-        floats), and [A (4), t (2)] before the last step."""
+        floats), and [A (4), t (2)] before the last step. These two are scratch declared
+        ``window=True``: the runner streams them, band by band, to :class:`PooledLastStep`
+        and never holds them for the whole scan (~1.8 kB per position)."""
         out = (A_OUTPUT, SAMPLE_OUTPUT, Output("class_prob", (), "float32", np.nan, extra=True),
                Output("A_cov", (4, 4), "float32", np.nan))
         if self.pool_radius > 0:
             if self.engine is None:
                 raise RuntimeError("prepare() must run before outputs() (the disk count)")
             K = int(self.engine.P.shape[0])
-            out += (Output("disk_fit", (K, DISK_FIT), "float32", 0.0),
-                    Output("last_step", (6,), "float32", 0.0))
+            out += (Output("disk_fit", (K, DISK_FIT), "float32", 0.0, window=True),
+                    Output("last_step", (6,), "float32", 0.0, window=True))
         return out
+
+    def band_consumer(self, scan_shape: tuple[int, int]) -> PooledLastStep | None:
+        """The pooled last Gauss-Newton step, fed band by band (see :meth:`finish`)."""
+        if self.pool_radius <= 0:
+            return None
+        if self.engine is None:
+            raise RuntimeError("prepare() must run before band_consumer()")
+        return PooledLastStep(self.engine, self.pool_radius, scan_shape)
 
     @property
     def symmetry_deg(self) -> float:
@@ -424,57 +439,73 @@ class CCSTAEMethod(BlockMethod):
         return s
 
     def finish(self, out: dict[str, np.ndarray], seconds: float) -> MethodResult:
+        """The result; with pooling, ``A`` and its covariance are those of the last
+        Gauss-Newton step redone by :class:`PooledLastStep` (``out["pooled_A"]``,
+        ``out["pooled_A_cov"]``)."""
         A, A_cov = out["A"], out["A_cov"]
-        if self.pool_radius > 0 and self.engine is not None:
-            A, A_cov = self._pooled(A, out["disk_fit"], out["last_step"], A_cov)
+        if "pooled_A" in out:
+            A, A_cov = out["pooled_A"], out["pooled_A_cov"]
         # no error bar where there is no value
         A_cov = np.where(np.isfinite(A).all((2, 3))[..., None, None], A_cov, np.nan)
         res = self.result(out, seconds, A=A)
         res.A_cov = A_cov.astype(np.float32)
         return res
 
-    def _pooled(self, A: np.ndarray, disk_fit: np.ndarray, last_step: np.ndarray,
-                A_cov: np.ndarray, rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """Redo every fitted position's last Gauss-Newton step with its disks' background ramp
-        and intensity gradient pooled over neighbours of the same grain (see
-        :func:`.refine.pooled_coefficients`). Done in bands of ``rows`` scan rows (plus the
-        pooling window's halo), so the temporaries stay small whatever the scan size.
-        Returns the new ``A`` and its covariance (``(Rx, Ry, 4, 4)``, NaN where not redone)."""
-        eng = self.engine
-        Rx, Ry, K = disk_fit.shape[:3]
-        rad = self.pool_radius
-        h = float(eng.tpl.offsets.abs().max())
-        P = eng.P.cpu()
-        out = np.array(A, np.float32, copy=True)
-        cov_all = np.array(A_cov, np.float32, copy=True)
-        good_all = np.isfinite(A).all(axis=(2, 3))
-        for r0 in range(0, Rx, rows):
-            r1 = min(Rx, r0 + rows)
-            h0, h1 = max(0, r0 - rad), min(Rx, r1 + rad)
-            fit = torch.from_numpy(disk_fit[h0:h1])
-            good = torch.from_numpy(good_all[h0:h1])
-            ok = (fit[..., FIT_OK] > 0.5) & good[..., None]
-            coef, wts = pooled_coefficients(fit[..., FIT_COEF],
-                                            fit[..., FIT_COND].unflatten(-1, (3, 4)),
-                                            fit[..., FIT_VAR], ok,
-                                            torch.from_numpy(A[h0:h1]).float(), rad)
-            band = slice(r0 - h0, r1 - h0)
-            sel = good[band].reshape(-1)
-            if not bool(sel.any()):
-                continue
-            n = (r1 - r0) * Ry
-            last = torch.from_numpy(last_step[r0:r1]).reshape(n, 6)[sel]
-            cov: dict = {}
-            A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
-                                        ok[band].reshape(n, K)[sel],
-                                        fit[band][..., FIT_DFRAC].reshape(n, K, 2)[sel],
-                                        last[:, :4].reshape(-1, 2, 2), last[:, 4:], P,
-                                        eng.geom.L, h, wts[band].reshape(n, K)[sel],
-                                        cov_out=cov)
-            view = out[r0:r1].reshape(n, 2, 2)
-            view[sel.numpy()] = A_new.numpy()
-            cov_all[r0:r1].reshape(n, 4, 4)[sel.numpy()] = cov["A_cov"].numpy()
-        return out, cov_all
+
+class PooledLastStep(BandConsumer):
+    """Redo every fitted position's last Gauss-Newton step with its disks' background ramp
+    and intensity gradient pooled over neighbours of the same grain (see
+    :func:`.refine.pooled_coefficients`), band by band: a band of :data:`POOL_BAND_ROWS` scan
+    rows needs the per-disk fits (``disk_fit``) of its rows plus the pooling window's halo of
+    ``radius`` rows, and its own rows of ``last_step``; the runner feeds them as rows complete
+    and drops them afterwards, so neither is ever held for the whole scan. Produces
+    ``pooled_A`` and ``pooled_A_cov`` (``(Rx, Ry, 4, 4)``; where a position is not redone,
+    the unpooled values)."""
+
+    def __init__(self, engine: Engine, radius: int, scan_shape: tuple[int, int],
+                 rows: int = POOL_BAND_ROWS) -> None:
+        self.rows = int(rows)
+        self.halo = int(radius)
+        self.L = float(engine.geom.L)
+        self.h = float(engine.tpl.offsets.abs().max())
+        self.P = engine.P.cpu()
+        Rx, Ry = scan_shape
+        self.A = np.full((Rx, Ry, 2, 2), np.nan, np.float32)
+        self.A_cov = np.full((Rx, Ry, 4, 4), np.nan, np.float32)
+
+    def consume(self, r0: int, r1: int, h0: int, window: dict[str, np.ndarray],
+                assembled: dict[str, np.ndarray]) -> None:
+        A_all = assembled["A"]  # the unpooled A: pooling weights read it over the halo
+        self.A[r0:r1] = A_all[r0:r1]
+        self.A_cov[r0:r1] = assembled["A_cov"][r0:r1]
+        disk_fit = window["disk_fit"]
+        h1 = h0 + len(disk_fit)
+        Ry, K = disk_fit.shape[1:3]
+        fit = torch.from_numpy(disk_fit)
+        good = torch.from_numpy(np.isfinite(A_all[h0:h1]).all(axis=(2, 3)))
+        ok = (fit[..., FIT_OK] > 0.5) & good[..., None]
+        coef, wts = pooled_coefficients(fit[..., FIT_COEF],
+                                        fit[..., FIT_COND].unflatten(-1, (3, 4)),
+                                        fit[..., FIT_VAR], ok,
+                                        torch.from_numpy(A_all[h0:h1]).float(), self.halo)
+        band = slice(r0 - h0, r1 - h0)
+        sel = good[band].reshape(-1)
+        if not bool(sel.any()):
+            return
+        n = (r1 - r0) * Ry
+        last = torch.from_numpy(window["last_step"][band]).reshape(n, 6)[sel]
+        cov: dict = {}
+        A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
+                                    ok[band].reshape(n, K)[sel],
+                                    fit[band][..., FIT_DFRAC].reshape(n, K, 2)[sel],
+                                    last[:, :4].reshape(-1, 2, 2), last[:, 4:], self.P,
+                                    self.L, self.h, wts[band].reshape(n, K)[sel],
+                                    cov_out=cov)
+        self.A[r0:r1].reshape(n, 2, 2)[sel.numpy()] = A_new.numpy()
+        self.A_cov[r0:r1].reshape(n, 4, 4)[sel.numpy()] = cov["A_cov"].numpy()
+
+    def results(self) -> dict[str, np.ndarray]:
+        return {"pooled_A": self.A, "pooled_A_cov": self.A_cov}
 
 
 def run_ccstae(dataset: Any, model: Model | str | Path | None = None, device: str = "auto",
