@@ -16,6 +16,7 @@ from napari_stem_strain.uncertainty import (
     basis_to_affine_covariance,
     calibration,
     interior_mask,
+    reference_covariance,
     strain_jacobian,
     strain_sigma,
 )
@@ -270,3 +271,23 @@ def test_cli_compare_prints_calibration(tmp_path, capsys):
     p4 = [float(v) for v in rows["py4dstem"][0::2]]
     assert len(ae) == 4 and all(0.85 < v < 1.2 for v in ae), ae
     assert all(v > 2.5 for v in p4), p4
+
+
+def test_reference_uncertainty_ignores_positions_registered_on_another_symmetry_branch():
+    """A hexagonal pattern registered as R(+30 deg) at most positions and R(-30 deg) at a few
+    describes the same lattice (60 degrees apart): the strain is the same after wrapping, but
+    the raw entries differ by ~1. Counted in the reference region's empirical scatter, those
+    few made every error bar of an abTEM WS2 case 20-50x too wide. The reference's
+    uncertainty must come from the positions on the median's branch only."""
+    rng = np.random.default_rng(5)
+    n = 36
+    A = strain_to_A(rng.normal(0, 1e-3, n), rng.normal(0, 1e-3, n), rng.normal(0, 5e-4, n),
+                    30.0 + rng.normal(0, 0.05, n))
+    cov = np.broadcast_to(_random_cov(rng, 1e-3), (n, 4, 4)).copy()
+    clean = reference_covariance(A.reshape(6, 6, 2, 2), cov.reshape(6, 6, 4, 4), "0:6,0:6")
+    mixed = A.copy()
+    mixed[:5] = strain_to_A(0.0, 0.0, 0.0, -30.0)  # 5 of 36 on the other branch
+    got = reference_covariance(mixed.reshape(6, 6, 2, 2), cov.reshape(6, 6, 4, 4), "0:6,0:6")
+    # the same order as without them (fewer positions: a little larger), not ~1e3 x larger
+    assert np.all(np.diag(got) < 3 * np.diag(clean)), (np.diag(got), np.diag(clean))
+

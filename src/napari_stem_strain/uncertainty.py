@@ -41,6 +41,11 @@ COMPONENTS = ("exx", "eyy", "exy", "theta")
 #: truncation error ~1e-12 and a round-off error ~1e-10 in float64).
 FD_STEP = 1e-6
 
+#: Largest distance (Frobenius) of a reference position's raw ``A`` from the region's median
+#: for its scatter to count: strain and rotation in a reference region move ``A`` by ~1e-2 at
+#: most, a symmetry-equivalent registration by ~1.
+BRANCH_TOL = 0.05
+
 #: A median of N samples of a normal distribution has the variance of a mean of 2N/pi.
 MEDIAN_EFFICIENCY = np.pi / 2
 
@@ -101,6 +106,12 @@ def reference_covariance(A_raw: np.ndarray, A_cov: np.ndarray,
     ok = np.isfinite(a).all(1) & np.isfinite(c).all((1, 2))
     if mask is not None:
         ok &= np.asarray(mask, bool)[rs, cs].reshape(-1)
+    if ok.any():
+        # positions registered on another symmetry branch (a hexagonal lattice as R(+30) or
+        # R(-30 deg)) describe the same lattice, but their raw entries differ by ~1 and would
+        # swamp the region's scatter (abTEM WS2: every error bar 20-50x too wide)
+        med = np.median(a[ok], axis=0)
+        ok &= np.linalg.norm(np.nan_to_num(a - med, nan=np.inf), axis=1) < BRANCH_TOL
     n = int(ok.sum())
     if n == 0:
         return np.full((4, 4), np.nan)
