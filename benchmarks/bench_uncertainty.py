@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "validation"))
 
-from common import BENCH_DIR, machine_info, markdown_table, run_scored  # noqa: E402
+from common import BENCH_DIR, keep_raw_result, machine_info, markdown_table, run_scored  # noqa: E402
 
 COMPONENTS = ("exx", "eyy", "exy", "theta")
 RESULTS = BENCH_DIR / "uncertainty.json"
@@ -92,9 +92,7 @@ def calibrate_case(path: Path, methods: list[str]) -> dict:
         if r.A_cov is None:
             out[m] = {"failed": "the method gave no covariance"}
             continue
-        keep = BENCH_DIR / "uncertainty" / f"{path.stem}_{m}.npz"  # for re-analysis
-        keep.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(keep, A=r.A, A_cov=r.A_cov, sample=r.sample)
+        keep_raw_result(BENCH_DIR / "uncertainty", path.stem, m, r)
         maps = strain_maps(r.A, t.reference, r.symmetry_deg, mask=r.sample, A_cov=r.A_cov)
         where = interior_mask(t.grains, t.sample, 1)
         row: dict = {"seconds": round(time.perf_counter() - t0, 1), "n_interior": int(where.sum())}

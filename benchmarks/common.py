@@ -141,6 +141,20 @@ def run_scored(method: Any, path: Path, progress: Any = None) -> Scored:
     return Scored(path, result, maps, truth, mae_table(maps, truth), seconds, n)
 
 
+def keep_raw_result(folder: Path, case: str, method: str, result: Any) -> Path:
+    """Save a run's raw per-position ``A`` (and ``A_cov`` when the method gave one), its
+    sample mask and symmetry as ``folder/CASE_METHOD.npz``, so a change of the strain maths
+    or of the error-bar propagation can be re-scored without re-running the method
+    (py4DSTEM takes minutes per case)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{case}_{method}.npz"
+    arrays = {"A": result.A, "sample": result.sample, "symmetry_deg": result.symmetry_deg}
+    if getattr(result, "A_cov", None) is not None:
+        arrays["A_cov"] = result.A_cov
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     """A GitHub markdown table (floats already formatted by the caller)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402
     BENCH_DIR,
     command_line,
+    keep_raw_result,
     machine_info,
     markdown_table,
     run_scored,
@@ -139,11 +140,7 @@ def score_case(path: Path, methods: list[str]) -> dict:
             print(path.stem, m, "FAILED", out[m]["failed"], flush=True)
             continue
         t = sc.truth
-        # the raw per-position A, so a change of the strain maths can be re-scored without
-        # re-running the methods (py4DSTEM takes minutes per case)
-        MAPS.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(MAPS / f"{path.stem}_{m}.npz", A=sc.result.A,
-                            sample=sc.result.sample, symmetry_deg=sc.result.symmetry_deg)
+        keep_raw_result(MAPS, path.stem, m, sc.result)
         row = dict(sc.table)
         for k in COMPONENTS:
             period = t.symmetry_deg if k == "theta" else None

@@ -92,7 +92,8 @@ def basis_to_affine_covariance(cov_g: np.ndarray, binv: np.ndarray) -> np.ndarra
 def reference_covariance(A_raw: np.ndarray, A_cov: np.ndarray,
                          region: tuple[slice, slice] | str,
                          mask: np.ndarray | None = None) -> np.ndarray:
-    """Covariance ``(4, 4)`` of the reference ``A_ref`` (element-wise median over the region).
+    """Covariance ``(4, 4)`` of the reference ``A_ref`` (the median reference over the region,
+    :func:`~napari_stem_strain.strain.reference_A`).
 
     A median of ``N`` noisy values varies like a mean of ``2N/pi``. The spread used is the
     *empirical* covariance of ``A_raw`` in the region (honest when the per-position error bars
