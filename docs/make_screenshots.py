@@ -123,8 +123,9 @@ def main() -> int:
     viewer.reset_view()
     first = next(iter(session.results))
     for layer in viewer.layers:
-        if layer.name.endswith("exx (%)") and first in (layer.metadata.get("stem_strain")
-                                                        or {}).get("method", ""):
+        meta = layer.metadata.get("stem_strain") or {}
+        if meta.get("role") == "map" and meta.get("component") == "exx" \
+                and meta.get("method") == first:
             viewer.layers.selection.active = layer
     _save(viewer, "gui_maps.png")
     probe_dock.setFloating(True)  # room for the pattern and the numbers
