@@ -42,10 +42,12 @@ from .refine import (
     DiskTemplate,
     affine_update,
     angular_search,
+    floored_weights,
     lattice_points,
     make_template,
     pooled_coefficients,
     refine,
+    shift_error_model,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ POOL_RADIUS = 4
 #: Scan rows per band of the pooled last step (see :class:`PooledLastStep`): the rows of the
 #: per-disk fits held at once are about this plus twice ``POOL_RADIUS``.
 POOL_BAND_ROWS = 16
+
+#: Whether the pooled last step weights disks by noise plus a per-disk error floor
+#: (:func:`.refine.shift_error_model`) rather than by noise alone.
+ERROR_FLOOR = True
 #: Alternations of "measure the beam centres with the template" and "rebuild the template
 #: from those centres" in :meth:`Engine.build`. A centre-of-mass centre errs by an amount
 #: that depends on the beam's sub-pixel phase; a template built from such centres is wrong
@@ -87,6 +93,17 @@ DISK_FIT = 24
 RETRY_FRACTION = 0.5
 #: Share of the base disks whose clear detection marks a crystal whatever the classifier says.
 STRONG_FRACTION = 0.6
+
+
+def polar_angle(A: torch.Tensor) -> torch.Tensor:
+    """Rotation angle (radians) of the polar decomposition of 2x2 ``A`` (..., 2, 2) with
+    positive determinant: ``atan2(A10 - A01, A00 + A11)``."""
+    return torch.atan2(A[..., 1, 0] - A[..., 0, 1], A[..., 0, 0] + A[..., 1, 1])
+
+
+def _rotation(deg: float) -> torch.Tensor:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
 
 
 def select_disks(g1: np.ndarray, g2: np.ndarray, pmax: float, n_max: int) -> np.ndarray:
@@ -141,6 +158,11 @@ class Engine:
     device: str = "cpu"
     refine_steps: int = REFINE_STEPS
     polish_deg: float = 10.0
+    #: orientation (deg, polar angle of ``A``) around which every mapped ``A`` is expressed
+    #: on one symmetry branch (see :meth:`canonical_branch`); None: as registered
+    anchor_deg: float | None = None
+    #: ``(n, K)`` disk relabelling of each symmetry rotation (see :meth:`set_anchor`)
+    branch_perms: torch.Tensor | None = None
 
     @classmethod
     def build(cls, model: Model, sample: np.ndarray, device: str = "cpu",
@@ -267,10 +289,86 @@ class Engine:
                 t = torch.where(use[:, None], t2, t)
                 n_ok = torch.where(use, n2, n_ok)
                 rms = torch.where(use, r2, rms)
+            A = self.canonical_branch(A, ex)
         return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x,
                 "disk_fit": torch.cat([ex["coef"], ex["cond"].flatten(-2), ex["var4"][..., None],
                                        ex["dfrac"], ex["ok"][..., None].float()], -1),
                 "A_prev": ex["A_prev"], "t_prev": ex["t_prev"], "A_cov": ex["A_cov"]}
+
+    def set_anchor(self, A: torch.Tensor) -> None:
+        """Anchor the symmetry branch on the registered transforms ``A`` (N,2,2) of sampled
+        crystal patterns: their circular mean orientation modulo the lattice's symmetry."""
+        sym = float(self.model.symmetry_deg)
+        A = A[torch.isfinite(A).flatten(1).all(1)]
+        if len(A) == 0 or sym >= 360.0:
+            self.anchor_deg = None
+            return
+        ang = polar_angle(A).double()
+        z = torch.exp(1j * ang * (2 * np.pi / sym)).mean()
+        self.anchor_deg = float(torch.angle(z)) * sym / (2 * np.pi) if abs(z) > 1e-6 else 0.0
+        self.branch_perms = self._branch_perms(sym)
+
+    def _branch_perms(self, sym: float) -> torch.Tensor | None:
+        """``(n, K)``: for each symmetry rotation ``S_m = R(m sym)`` of the base lattice, the
+        disk index ``k`` with ``P_k = S_m^-1 P_j`` for every ``j``; None when the disk set is
+        not closed under the rotations (then no branch is changed)."""
+        n = int(round(360.0 / sym))
+        P = self.P.double().cpu()
+        perms = []
+        for m in range(n):
+            S = _rotation(m * sym)
+            src = P @ S  # rows: S^-1 P_j (S orthogonal: S^-1 p = S^T p, as a row p^T S)
+            d = torch.cdist(src, P)
+            best = d.argmin(1)
+            if float(d.gather(1, best[:, None]).max()) > 1e-4:
+                perms = None
+                break
+            perms.append(best)
+        return None if perms is None else torch.stack(perms).to(self.P.device)
+
+    def canonical_branch(self, A: torch.Tensor, ex: dict) -> torch.Tensor:
+        """Express every ``A`` (and the last step's per-disk fits in ``ex``) on the symmetry
+        branch nearest :attr:`anchor_deg`: ``A S_m^-1`` with ``S_m = R(m sym)`` a rotation of
+        the (exactly symmetric) base lattice, disks relabelled to match.
+
+        Why: a lattice rotated by about half a symmetry period from the base (a hexagonal
+        crystal at 30 degrees) registers as ``R(+30)`` or as ``R(-30)`` - the same lattice,
+        but raw entries about 1 apart. Strain is taken against the reference's ``A``; when the
+        measured lattice is not exactly the base's shape (a detector or projector distortion,
+        anisotropic sampling), ``A_ref S A_ref^-1`` is not a pure rotation, so positions on
+        the other branch carry a strain offset of the size of that distortion (seen: 1-2e-3
+        between the two halves of a multislice WS2 map, and a -0.16 degree rotation offset
+        of the whole map, its reference region mixing both branches). Neighbours on
+        different branches also never pool their disk nuisances."""
+        perms = self.branch_perms
+        if self.anchor_deg is None or perms is None:
+            return A
+        sym = float(self.model.symmetry_deg)
+        n = perms.shape[0]
+        ang = torch.rad2deg(polar_angle(A))
+        m = torch.round((ang - self.anchor_deg) / sym)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).long() % n
+        if not bool((m != 0).any()):
+            return A
+        S = torch.stack([_rotation(k * sym) for k in range(n)]).to(A.dtype).to(A.device)
+        St = S[m].transpose(1, 2)  # (B,2,2): A S^-1 = A S^T
+        perm = perms[m]  # (B,K)
+
+        def relabel(x: torch.Tensor) -> torch.Tensor:
+            idx = perm.reshape(perm.shape + (1,) * (x.ndim - 2)).expand_as(x)
+            return x.gather(1, idx)
+
+        for key in ("coef", "cond", "var4", "dfrac", "ok"):
+            if key in ex:
+                ex[key] = relabel(ex[key])
+        if "A_prev" in ex:
+            ex["A_prev"] = ex["A_prev"] @ St
+        if "A_cov" in ex:
+            # row-major vec(A S^T) = kron(I, S) vec(A)
+            eye = torch.eye(2, dtype=A.dtype, device=A.device)
+            M = torch.stack([torch.kron(eye, S[k]) for k in range(n)])[m].to(ex["A_cov"].dtype)
+            ex["A_cov"] = M @ ex["A_cov"] @ M.transpose(1, 2)
+        return A @ St
 
     def _search(self, pats: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Exhaustive angular search over one symmetry period (2 deg, then 0.5 deg)."""
@@ -356,6 +454,20 @@ class CCSTAEMethod(BlockMethod):
         idx = np.linspace(0, len(sample) - 1, min(256, len(sample))).round().astype(int)
         out = self.engine.run(sample[idx], init="search")
         crystal = out["n_disks"] >= 2
+        # one symmetry branch for the whole map: anchored on the user's reference region
+        # when given (strain is taken against it), else on the sampled crystal patterns
+        fits = (out["n_disks"] >= MIN_DISKS) & (out["rms"] < 0.5)
+        anchor = out["A"][fits]
+        if self.reference:
+            rs, cs = parse_region(self.reference)
+            Rx, Ry = dataset.scan_shape
+            n_ref = len(range(*rs.indices(Rx))) * len(range(*cs.indices(Ry)))
+            if n_ref:
+                ref = self.engine.run(sample[-n_ref:][:256], init="search")
+                good = (ref["n_disks"] >= MIN_DISKS) & (ref["rms"] < 0.5)
+                if int(good.sum()) >= 3:
+                    anchor = ref["A"][good]
+        self.engine.set_anchor(anchor)
         if int(crystal.sum()) >= 8:
             # a lattice that is not the base's pulls disks in inconsistent directions
             fits = (out["n_disks"] >= MIN_DISKS) & (out["rms"] < 0.5)
@@ -463,8 +575,9 @@ class PooledLastStep(BandConsumer):
     the unpooled values)."""
 
     def __init__(self, engine: Engine, radius: int, scan_shape: tuple[int, int],
-                 rows: int = POOL_BAND_ROWS) -> None:
+                 rows: int = POOL_BAND_ROWS, error_floor: bool = ERROR_FLOOR) -> None:
         self.rows = int(rows)
+        self.error_floor = bool(error_floor)
         self.halo = int(radius)
         self.L = float(engine.geom.L)
         self.h = float(engine.tpl.offsets.abs().max())
@@ -488,16 +601,43 @@ class PooledLastStep(BandConsumer):
                                         fit[..., FIT_COND].unflatten(-1, (3, 4)),
                                         fit[..., FIT_VAR], ok,
                                         torch.from_numpy(A_all[h0:h1]).float(), self.halo)
+        wts = torch.nan_to_num(wts, nan=0.0, posinf=0.0)
+        A_band = torch.from_numpy(A_all[h0:h1]).float()
+        last_all = torch.from_numpy(window["last_step"])  # (h1 - h0, Ry, 6)
+        dfrac = fit[..., FIT_DFRAC]
+        if self.error_floor:
+            # a first pass over the band and its halo measures how the disk shifts scatter
+            # (noise plus a per-disk floor, pooled over the grain) and reweights the disks
+            sel_all = good.reshape(-1)
+            if not bool(sel_all.any()):
+                return
+            n_all = (h1 - h0) * Ry
+            la = last_all.reshape(n_all, 6)[sel_all]
+            res: dict = {}
+            affine_update(coef.reshape(n_all, K, 6)[sel_all], ok.reshape(n_all, K)[sel_all],
+                          dfrac.reshape(n_all, K, 2)[sel_all], la[:, :4].reshape(-1, 2, 2),
+                          la[:, 4:], self.P, self.L, self.h, wts.reshape(n_all, K)[sel_all],
+                          resid_out=res)
+
+            def scatter(x: torch.Tensor) -> torch.Tensor:
+                full = torch.zeros((n_all, *x.shape[1:]), dtype=x.dtype)
+                full[sel_all] = x
+                return full.reshape(h1 - h0, Ry, *x.shape[1:])
+
+            s2, tau2 = shift_error_model(scatter(res["resid"]), scatter(res["noise_factor"]),
+                                         scatter(res["floor_factor"]), scatter(res["used"]),
+                                         A_band, self.halo)
+            wts = floored_weights(torch.where(ok, wts, torch.zeros_like(wts)), s2, tau2)
         band = slice(r0 - h0, r1 - h0)
         sel = good[band].reshape(-1)
         if not bool(sel.any()):
             return
         n = (r1 - r0) * Ry
-        last = torch.from_numpy(window["last_step"][band]).reshape(n, 6)[sel]
+        last = last_all[band].reshape(n, 6)[sel]
         cov: dict = {}
         A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
                                     ok[band].reshape(n, K)[sel],
-                                    fit[band][..., FIT_DFRAC].reshape(n, K, 2)[sel],
+                                    dfrac[band].reshape(n, K, 2)[sel],
                                     last[:, :4].reshape(-1, 2, 2), last[:, 4:], self.P,
                                     self.L, self.h, wts[band].reshape(n, K)[sel],
                                     cov_out=cov)

@@ -45,7 +45,8 @@ def sqrt_samples(pats: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear") 
 
 __all__ = ["DiskTemplate", "make_template", "gather_patches", "lattice_points", "refine",
            "angular_search", "fit_lattice", "condition", "pool_nuisance",
-           "pooled_coefficients", "affine_update", "affine_covariance"]
+           "pooled_coefficients", "affine_update", "affine_covariance",
+           "shift_error_model", "floored_weights"]
 
 
 #: Columns of the 8-column disk fit left free (gain, offset, shift) and fixed (background
@@ -693,7 +694,8 @@ def poisson_fit(patch: torch.Tensor, ph: torch.Tensor, coef8: torch.Tensor,
 
 def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: torch.Tensor,
                   t: torch.Tensor, P: torch.Tensor, L: float, h: float,
-                  weight: torch.Tensor | None = None, cov_out: dict | None = None
+                  weight: torch.Tensor | None = None, cov_out: dict | None = None,
+                  resid_out: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Gauss-Newton update of ``A`` and ``t`` from the per-disk fits ``coef`` (B,K,6).
 
@@ -704,7 +706,11 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
     affine update leaves unexplained.
 
     ``cov_out``, when given, receives ``"A_cov"`` (B,4,4): the covariance of the updated
-    ``A`` (row-major), see :func:`affine_covariance`."""
+    ``A`` (row-major), see :func:`affine_covariance`. ``resid_out``, when given, receives
+    what :func:`shift_error_model` needs: ``"resid"`` (B,K,2) each disk's shift left
+    unexplained (px), and ``"noise_factor"``, ``"floor_factor"`` (B,K) and ``"used"``: how
+    much of a noise ``s2 / w_j`` and of a floor ``tau2`` on every disk's shift reaches each
+    residual (``E |r_k|^2 / 2 = s2 noise_factor_k + tau2 floor_factor_k``)."""
     K = P.shape[0]
     X = torch.cat([P, torch.ones(K, 1, dtype=P.dtype, device=P.device)], 1)  # (K,3)
     a = coef[..., 0]
@@ -725,6 +731,16 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
     if cov_out is not None:
         cov_out["A_cov"] = affine_covariance(M.double() + ridge.double(), chi2, (w > 0).sum(1),
                                              L)
+    if resid_out is not None:
+        # E|r_k|^2 / 2 = sum_j (I - H)_kj^2 var_j, H = X M^-1 X^T W the fit's hat matrix: with
+        # var_j = s2 / w_j + tau2 that is s2 a_k + tau2 b_k, exact whatever the weights
+        Minv = torch.linalg.inv(M.double() + ridge.double())  # (B,3,3)
+        H = torch.einsum("ki,bij,lj->bkl", X.double(), Minv, X.double()) * w.double()[:, None, :]
+        IH2 = (torch.eye(K, dtype=H.dtype, device=H.device) - H) ** 2
+        used = (w > 0).double()
+        v = torch.where(w > 0, 1.0 / w.double().clamp_min(1e-300), torch.zeros_like(used))
+        resid_out.update(resid=res, noise_factor=(IH2 @ v[..., None])[..., 0].float(),
+                         floor_factor=(IH2 @ used[..., None])[..., 0].float(), used=w > 0)
     return A, t, rms
 
 
@@ -750,6 +766,88 @@ def affine_covariance(M: torch.Tensor, chi2: torch.Tensor, n_disks: torch.Tensor
     cov[:, :2, :2] = C
     cov[:, 2:, 2:] = C
     return cov.float()
+
+
+#: Iterations of the variance-component fit in :func:`shift_error_model`.
+ERROR_MODEL_ITERATIONS = 4
+
+
+def shift_error_model(resid: torch.Tensor, noise_factor: torch.Tensor,
+                      floor_factor: torch.Tensor, used: torch.Tensor, A: torch.Tensor,
+                      radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each disk's measured shift scatters, as noise plus a floor: ``var_k = s2 / w_k
+    + tau2``, with ``s2`` and ``tau2`` (each ``(Rx, Ry)``) fitted to the affine fit's residuals
+    of a band of the scan, pooled over same-grain neighbours (:func:`pool_nuisance`).
+
+    Why: the weights ``w_k`` (gain^2 over the fit's variance factor) describe shot noise only,
+    so a strong disk counts thousands of times more than a weak one. But a disk's shift also
+    carries an error that does not shrink with its intensity: contrast inside the disk that
+    the disk model does not describe (dynamical fringes, a soft edge, a curved background)
+    biases each reflection's position by a few hundredths of a pixel, differently per
+    reflection and the same at every position of a grain. Those per-disk errors are
+    independent between reflections, so they average out over many disks - unless the
+    weights hand the whole fit to the few strongest (first-order) disks. The residuals of the
+    affine fit show both terms; with a floor the weights ``1 / var_k`` spread over all disks
+    that are measured well enough.
+
+    ``resid`` (Rx,Ry,K,2), ``noise_factor``, ``floor_factor`` and ``used`` (Rx,Ry,K) as
+    :func:`affine_update` leaves them; ``A`` (Rx,Ry,2,2) the transforms that decide which
+    neighbours are the same grain. Method of moments on ``e_k = |r_k|^2 / 2``, whose mean is
+    ``s2 noise_factor_k + tau2 floor_factor_k`` exactly (the factors carry the fit's hat
+    matrix, so a disk that alone pins a parameter - the direct beam - weighs nothing);
+    iteratively reweighted by the last round's variance of ``e_k`` (~ its mean squared)."""
+    use = used & (floor_factor > 0)
+    e = torch.where(use, (resid.double() ** 2).sum(-1) / 2.0, torch.zeros_like(floor_factor,
+                                                                               dtype=torch.float64))
+    a = torch.where(use, noise_factor.double(), torch.zeros_like(e))
+    b = torch.where(use, floor_factor.double(), torch.zeros_like(e))
+    n_used = use.sum(-1)
+    # one scale for the band (s2 must stay comparable between pooled positions)
+    scale = float(a[use].median()) if bool(use.any()) else 1.0
+    scale = scale if scale > 0 else 1.0
+    an, en = a / scale, e / scale
+    has = (n_used > 6).double()[..., None]
+    s2 = torch.ones(a.shape[:2], dtype=torch.float64)  # noise alone, in units of the weights
+    t2 = torch.zeros_like(s2)
+    for it in range(ERROR_MODEL_ITERATIONS):
+        mean = s2[..., None] * an + t2[..., None] * b
+        if it == 0:  # first round: plain least squares (no variance known yet)
+            u = use.double()
+        else:
+            u = torch.where(use, 1.0 / mean.clamp_min(1e-12 * float(mean.max())) ** 2,
+                            torch.zeros_like(mean))
+        mom = torch.stack([u * an * an, u * an * b, u * b * b, u * an * en, u * b * en],
+                          -1).sum(2)  # (Rx,Ry,5)
+        # each position counts the same in the pooled mean
+        mom = mom / (mom[..., 0] + mom[..., 2]).clamp_min(1e-300)[..., None]
+        pooled = pool_nuisance(mom[:, :, None, :].float(), has.float(), A, radius)[:, :, 0]
+        aa, ab, bb, ae, be = (pooled[..., i].double() for i in range(5))
+        det = aa * bb - ab * ab
+        okd = det > 1e-9 * (aa * bb).clamp_min(1e-300)
+        safe = torch.where(okd, det, torch.ones_like(det))
+        s2n = (bb * ae - ab * be) / safe
+        t2n = (aa * be - ab * ae) / safe
+        # one component negative: the other alone
+        only_s = ae / aa.clamp_min(1e-300)
+        only_t = be / bb.clamp_min(1e-300)
+        s2n, t2n = (torch.where(t2n < 0, only_s, torch.where(s2n < 0, 0.0, s2n)),
+                    torch.where(t2n < 0, 0.0, torch.where(s2n < 0, only_t, t2n)))
+        s2n = torch.where(okd, s2n, only_s)
+        t2n = torch.where(okd, t2n, torch.zeros_like(t2n))
+        s2, t2 = s2n.clamp_min(0), t2n.clamp_min(0)
+    s2 = torch.where(has[..., 0] > 0, s2, torch.ones_like(s2))
+    t2 = torch.where(has[..., 0] > 0, t2, torch.zeros_like(t2))
+    # back to the weights' units: var_k = s2 / w_k + tau2 (tau2 in px^2)
+    return s2.float(), (t2 * scale).float()
+
+
+def floored_weights(weight: torch.Tensor, s2: torch.Tensor, tau2: torch.Tensor) -> torch.Tensor:
+    """Affine weights ``1 / (s2 / w + tau2)`` of :func:`shift_error_model`'s error model
+    (zero where ``weight`` is)."""
+    w = weight.double()
+    var = s2.double()[..., None] / w.clamp_min(1e-300) + tau2.double()[..., None]
+    out = torch.where((weight > 0) & (var > 0), 1.0 / var.clamp_min(1e-300), torch.zeros_like(w))
+    return torch.where((weight > 0) & (var <= 0), w, out).float()
 
 
 def condition(coef8: torch.Tensor, ph: torch.Tensor, tpl: DiskTemplate) -> torch.Tensor:
