@@ -388,7 +388,7 @@ class CCSTAEMethod(BlockMethod):
     def __init__(self, model: Model | str | Path | None = None, device: str = "auto",
                  batch_size: int | None = None, sample_mask: np.ndarray | None = None,
                  reference: str | None = None, refine_steps: int = REFINE_STEPS,
-                 pool_radius: int = POOL_RADIUS) -> None:
+                 pool_radius: int = POOL_RADIUS, error_floor: bool = ERROR_FLOOR) -> None:
         self.model = load_model(model if model is not None else "default")
         self.device = resolve_device(device)
         self.batch_size = int(batch_size) if batch_size else (4096 if self.device == "cuda"
@@ -400,6 +400,8 @@ class CCSTAEMethod(BlockMethod):
         self.reference = reference
         self.refine_steps = int(refine_steps)
         self.pool_radius = int(pool_radius)
+        #: weights of the pooled step: noise plus a fitted per-disk floor (False: noise only)
+        self.error_floor = bool(error_floor)
         self.engine: Engine | None = None
 
     @property
@@ -432,7 +434,8 @@ class CCSTAEMethod(BlockMethod):
             return None
         if self.engine is None:
             raise RuntimeError("prepare() must run before band_consumer()")
-        return PooledLastStep(self.engine, self.pool_radius, scan_shape)
+        return PooledLastStep(self.engine, self.pool_radius, scan_shape,
+                              error_floor=self.error_floor)
 
     @property
     def symmetry_deg(self) -> float:
@@ -543,6 +546,7 @@ class CCSTAEMethod(BlockMethod):
         s: dict[str, Any] = {"model": self.model.source, "device": self.device,
                              "batch_size": self.batch_size, "refine_steps": self.refine_steps,
                              "pool_radius": self.pool_radius,
+                             "error_floor": self.error_floor,
                              "lattice": self.model.lattice_kind,
                              "symmetry_deg": self.symmetry_deg}
         if self.engine is not None:
