@@ -151,7 +151,7 @@ NOTES = """**Where the targets stand** (issue 13: std z 0.8-1.25 and 90-98 % wit
 both methods, on the simulator files and the validation set). CC-ST-AE rows re-run on
 2026-11-28 07:04-07:08 UTC after the error floor and the symmetry-branch fix (docs/method.md
 steps 6-7; validation cases with `fit` re-run); py4DSTEM rows from the 05:56 run (its code is
-unchanged).
+unchanged) plus four validation cases run at 07:09.
 
 * Simulator: met on all four files by the CC-ST-AE (std z 0.96-1.05, 92-96 %) and on
   w = 0.25 / 0.5 / 0.7 by py4DSTEM (w = 0: eyy 88 %, a bias).
@@ -180,7 +180,10 @@ unchanged).
   WS2 error bars 20-50x too wide); with one branch per map it no longer triggers there, but
   protects methods that do not canonicalise.
 
-py4DSTEM was run on four validation cases only (time).
+py4DSTEM, all eight mapped validation cases (the four missing ones run at 07:09 UTC): met on
+abtem_ws2_3layer_lowdose (0.96-1.07 / 91-95 %); misses are mostly bias (rect_dynamical,
+abtem_ws2_3layer eyy / theta, both noise-free cases) and on abtem_si001_thick error bars too
+wide in eyy / theta (std z 0.68 / 0.77) but too narrow in exy (1.37).
 
 **Speed with the error bars** (the CC-ST-AE computes its covariance in every position's last
 Gauss-Newton step and again in the pooled step). Measured 2026-11-28 05:20 UTC on the 2-core
