@@ -175,6 +175,10 @@ unchanged) plus four validation cases run at 07:09.
 * Still missed, by *scatter* (too narrow within grains): abtem_si001_thick exx / eyy (1.27 /
   89 %, 1.31 / 85 %) and hex_lowdose_background (1.34-1.41 / 86-87 %, newly mapped, first-order
   disks 6-10 sigma): fit errors correlated between disks, which a per-disk floor does not model.
+  Tried, not kept: taking the covariance straight from the fitted error model (weights as
+  absolute inverse variances, no per-position chi-square scale, which with few disks makes z
+  Student-t-like): hex_lowdose_background std z 1.34-1.41 -> 1.30-1.35, but square_psf_weak
+  1.09-1.18 -> 1.23-1.32 (the window-pooled model misjudges the per-position noise there).
 * Earlier fix kept: the reference's own uncertainty uses only positions within 0.05
   (Frobenius) of the region's median `A` (a reference region on two symmetry branches made the
   WS2 error bars 20-50x too wide); with one branch per map it no longer triggers there, but
