@@ -89,9 +89,41 @@ def test_ccstae_affine_covariance_matches_monte_carlo():
     A, _, _ = affine_update(coef, ok, torch.zeros(B, K, 2), A0, torch.zeros(B, 2), P, L, 10.0,
                             w.expand(B, K) / 0.05**2, cov_out=out)
     emp = np.cov(A.reshape(B, 4).double().numpy().T)
-    pred = out["A_cov"].double().mean(0).numpy()
+    # the residual scale is unbiased; the error bar carries the Student-t factor on top
+    dof = 2 * K - 6
+    pred = out["A_cov"].double().mean(0).numpy() * (dof - 2) / dof
     assert np.allclose(np.diag(emp), np.diag(pred), rtol=0.08)
     assert np.allclose(emp, pred, atol=0.1 * np.diag(pred).max())
+
+
+def test_ccstae_error_bars_hold_one_standard_deviation_with_few_disks():
+    """With few disks the residual scale is itself uncertain, so (estimate - truth) / sigma is
+    Student-t with 2K - 6 degrees of freedom: with 6 disks its standard deviation is 1.22 if
+    sigma is only the residual-scaled covariance. The error bar must hold one standard
+    deviation of z and its +-2 sigma interval ~95 % (issue 13's calibration targets), however
+    few the disks."""
+    from napari_stem_strain.methods.ccstae.refine import affine_update
+
+    rng = np.random.default_rng(5)
+    K, L, B = 6, 20.0, 20000
+    ang = np.arange(K - 1) * 2 * np.pi / (K - 1) + 0.3
+    P = torch.tensor(np.vstack([[0.0, 0.0], np.c_[np.cos(ang), np.sin(ang)]]),
+                     dtype=torch.float32)
+    w = torch.tensor(rng.uniform(1.0, 3.0, K), dtype=torch.float32)
+    sd = 0.02 / np.sqrt(w.numpy())
+    d = torch.tensor(rng.normal(size=(B, K, 2)) * sd[None, :, None], dtype=torch.float32)
+    coef = torch.zeros(B, K, 6)
+    coef[..., 0] = 1.0
+    coef[..., 4:6] = d
+    out: dict = {}
+    A, _, _ = affine_update(coef, torch.ones(B, K, dtype=torch.bool), torch.zeros(B, K, 2),
+                            torch.eye(2).expand(B, 2, 2), torch.zeros(B, 2), P, L, 10.0,
+                            w.expand(B, K), cov_out=out)
+    err = (A - torch.eye(2)).reshape(B, 4).double().numpy()
+    sigma = np.sqrt(np.diagonal(out["A_cov"].double().numpy(), axis1=1, axis2=2))
+    z = err / sigma
+    assert np.all(np.abs(z.std(0) - 1.0) < 0.05), z.std(0)
+    assert np.all(np.abs((np.abs(z) < 2).mean(0) - 0.95) < 0.02), (np.abs(z) < 2).mean(0)
 
 
 def test_py4dstem_lattice_covariance_matches_monte_carlo():
@@ -116,7 +148,8 @@ def test_py4dstem_lattice_covariance_matches_monte_carlo():
         covs.append(basis_to_affine_covariance(lattice_covariance(pk, hk, w, fit), binv))
         As.append((fit.G @ binv).reshape(4))
     emp = np.cov(np.array(As).T)
-    pred = np.mean(covs, 0)
+    dof = 2 * len(hk) - 6  # the residual scale is unbiased; the bar adds the Student-t factor
+    pred = np.mean(covs, 0) * (dof - 2) / dof
     assert np.allclose(np.diag(emp), np.diag(pred), rtol=0.08)
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..uncertainty import student_t_variance_factor
+
 __all__ = [
     "LatticeFit",
     "IndexResult",
@@ -101,8 +103,10 @@ def lattice_covariance(peaks: np.ndarray, hk: np.ndarray, weights: np.ndarray,
     Each axis of ``peaks = origin + h g1 + k g2`` is a linear least-squares problem with design
     ``[1, h, k]`` and the same weights, so both share ``(M^T W M)^-1``; its ``g`` block scaled
     by the reduced chi-square of the residuals (``2n`` coordinates, 6 parameters) is the
-    covariance. Why residual-based: the weights (disk intensities) only say how disks compare,
-    not how many pixels of scatter one has; the residuals do, and they include model error (a
+    covariance (times :func:`..uncertainty.student_t_variance_factor`: the scale is estimated
+    from those residuals). Why residual-based: the weights (disk intensities) only say how
+    disks compare, not how many pixels of scatter one has; the residuals do, and they include
+    model error (a
     peak finder's sub-pixel bias, a disk cut by the detector edge) the intensities never show.
     NaN with fewer than 4 peaks (no degree of freedom left).
     """
@@ -113,7 +117,7 @@ def lattice_covariance(peaks: np.ndarray, hk: np.ndarray, weights: np.ndarray,
     dof = 2 * len(hk) - 6
     if dof <= 0:
         return np.full((2, 2), np.nan)
-    s2 = float(np.sum(w[:, None] * res ** 2)) / dof
+    s2 = float(np.sum(w[:, None] * res ** 2)) / dof * float(student_t_variance_factor(dof))
     try:
         Minv = np.linalg.inv((M * w[:, None]).T @ M)
     except np.linalg.LinAlgError:

@@ -760,12 +760,17 @@ def affine_covariance(M: torch.Tensor, chi2: torch.Tensor, n_disks: torch.Tensor
     background the template lacks or dynamical contrast inside a disk all scatter the disks
     beyond that, and the residuals measure exactly that scatter (the error bars then stay
     calibrated on data the model does not describe perfectly). ``A += sol^T / L``, so
-    ``cov(A_ij, A_kl) = delta_ik s2 Minv_jl / L^2``; NaN where fewer than 4 disks were used.
+    ``cov(A_ij, A_kl) = delta_ik s2 Minv_jl / L^2``, ``s2`` widened by the Student-t factor of
+    an estimated scale (``dof / (dof - 2)``: 1.5 with 6 disks, 1.03 with 21); NaN where fewer
+    than 4 disks were used.
     """
     Minv = torch.linalg.inv(M)[:, :2, :2]
     dof = 2.0 * n_disks.double() - 6.0
     s2 = torch.where(dof > 0, chi2.double() / dof.clamp_min(1.0),
                      torch.full_like(dof, float("nan")))
+    # the scale is itself estimated from ``dof`` residuals: the Student-t factor of
+    # :func:`napari_stem_strain.uncertainty.student_t_variance_factor`, in torch
+    s2 = s2 * torch.where(dof >= 3, dof / (dof - 2.0).clamp_min(1.0), torch.full_like(dof, 3.0))
     C = Minv * (s2 / L ** 2)[:, None, None]
     cov = torch.zeros(C.shape[0], 4, 4, dtype=C.dtype, device=C.device)
     cov[:, :2, :2] = C
