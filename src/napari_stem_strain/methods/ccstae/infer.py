@@ -473,7 +473,6 @@ class CCSTAEMethod(BlockMethod):
         self.engine.set_anchor(anchor)
         if int(crystal.sum()) >= 8:
             # a lattice that is not the base's pulls disks in inconsistent directions
-            fits = (out["n_disks"] >= MIN_DISKS) & (out["rms"] < 0.5)
             frac = float(fits[crystal].float().mean())
             if frac < 0.5:
                 raise ValueError(
