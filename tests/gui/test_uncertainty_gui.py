@@ -41,13 +41,23 @@ def test_sigma_layers_mask_inspector_and_z_histograms(make_napari_viewer, open_s
         assert np.nanmax(layer.data) > 0
     exx = viewer.layers[map_layer_name("ae", "exx")]
     shown_before = np.isfinite(exx.data)
-    # mask where sigma > 0.05 %: the right half (sigma ~0.1 %) greys out, the left stays
+    # mask where strain sigma > 0.05 %: the right half (sigma ~0.1 %) greys out, the left
+    # stays (the rotation limit, 10 deg, masks nothing)
+    half = exx.data.shape[1] // 2
+    theta = viewer.layers[map_layer_name("ae", "theta")]
+    w.sigma_limit_deg.setValue(10.0)
     w.sigma_mask.setChecked(True)
     w.sigma_limit.setValue(0.05)
-    half = exx.data.shape[1] // 2
-    assert np.isnan(exx.data[:, half:]).all()
+    assert np.isnan(exx.data[:, half:]).all() and np.isnan(theta.data[:, half:]).all()
     assert (np.isfinite(exx.data[:, :half]) == shown_before[:, :half]).all()
     assert np.isfinite(exx.data[:, :half]).any()
+    # the rotation's limit is in degrees: its sigma is ~0.06 deg on the right, ~0.006 on the
+    # left, so 0.02 deg masks the right half alone, whatever the strain limit
+    w.sigma_limit.setValue(100.0)
+    assert (np.isfinite(exx.data) == shown_before).all()
+    w.sigma_limit_deg.setValue(0.02)
+    assert np.isnan(exx.data[:, half:]).all()
+    assert (np.isfinite(exx.data[:, :half]) == shown_before[:, :half]).all()
     w.sigma_mask.setChecked(False)
     assert (np.isfinite(exx.data) == shown_before).all()
     # probe inspector: value +- sigma

@@ -71,25 +71,27 @@ def sigma_layer_name(method: str, comp: str) -> str:
     return f"{method_label(method)} sigma {comp} ({unit})"
 
 
-def unreliable(m: MethodMaps, max_sigma_pct: float | None) -> np.ndarray | None:
-    """Positions whose error bar exceeds ``max_sigma_pct`` (percent strain), or None.
+def unreliable(m: MethodMaps, limits: tuple[float, float] | None) -> np.ndarray | None:
+    """Positions whose error bar exceeds ``limits = (strain %, rotation deg)``, or None.
 
-    One threshold for all four maps, so a position is either shown in all of them or greyed
-    in all: a strain sigma counts in percent, the rotation's in percent of a radian (a
-    rotation of 0.01 rad moves disks as far as a strain of 1 %)."""
+    One mask for all four maps, so a position is either shown in all of them or greyed in
+    all: greyed when any strain sigma exceeds the first limit (percent) or the rotation's
+    sigma the second (degrees, the unit the rotation map is read in)."""
     sig = m.maps.sigma
-    if max_sigma_pct is None or sig is None:
+    if limits is None or sig is None:
         return None
+    strain_pct, theta_deg = limits
     worst = np.fmax(np.fmax(sig["exx"], sig["eyy"]), sig["exy"]) * 100.0
-    worst = np.fmax(worst, np.deg2rad(sig["theta"]) * 100.0)
-    return np.asarray(worst > max_sigma_pct)
+    bad = np.asarray(worst > strain_pct) | np.asarray(np.asarray(sig["theta"]) > theta_deg)
+    return bad
 
 
-def display_values(m: MethodMaps, comp: str, max_sigma_pct: float | None = None) -> np.ndarray:
-    """A map in display units (percent or degrees); with ``max_sigma_pct`` the positions
-    :func:`unreliable` names are NaN (shown greyed, as "no value")."""
+def display_values(m: MethodMaps, comp: str, max_sigma: tuple[float, float] | None = None
+                   ) -> np.ndarray:
+    """A map in display units (percent or degrees); with ``max_sigma`` (strain %, rotation
+    deg) the positions :func:`unreliable` names are NaN (shown greyed, as "no value")."""
     out = np.asarray(getattr(m.maps, comp), np.float32) * MAP_UNITS[comp][1]
-    bad = unreliable(m, max_sigma_pct)
+    bad = unreliable(m, max_sigma)
     if bad is not None:
         out = np.where(bad, np.nan, out).astype(np.float32)
     return out
@@ -97,11 +99,11 @@ def display_values(m: MethodMaps, comp: str, max_sigma_pct: float | None = None)
 
 def show_results(viewer: Any, results: dict[str, MethodMaps],
                  geometry: dict[str, Any] | None = None,
-                 max_sigma_pct: float | None = None) -> list[Any]:
+                 max_sigma: tuple[float, float] | None = None) -> list[Any]:
     """Add or update one image layer per method and component (``geometry``: ``scale``,
     ``translate``, ``units`` of the navigation image), and a hidden uncertainty layer per
-    method and component whose maps carry ``sigma`` (``max_sigma_pct``: grey out the
-    positions whose error bar exceeds it, see :func:`unreliable`).
+    method and component whose maps carry ``sigma`` (``max_sigma``: strain %, rotation deg;
+    grey out the positions whose error bar exceeds it, see :func:`unreliable`).
 
     Existing layers are updated in place (data and limits), so re-referencing keeps the
     user's layer order, visibility and zoom.
@@ -114,7 +116,7 @@ def show_results(viewer: Any, results: dict[str, MethodMaps],
     for method, m in results.items():
         for comp in MAP_NAMES:
             name = map_layer_name(method, comp)
-            data = display_values(m, comp, max_sigma_pct)
+            data = display_values(m, comp, max_sigma)
             lim = lims[comp]
             meta = {"role": "map", "method": method, "component": comp, "maps": m,
                     "auto_limits": (-lim, lim)}

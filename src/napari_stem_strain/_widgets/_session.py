@@ -496,16 +496,18 @@ class StrainSession:
             return False
         self._last_error = None
         self.results = shown
-        show_results(self.viewer, shown, self.layer_kwargs(), self.max_sigma_pct)
+        show_results(self.viewer, shown, self.layer_kwargs(), self.max_sigma)
         self.results_changed.emit()
         return True
 
     #: issue 13: grey out positions whose error bar exceeds this (percent strain; None: off)
-    max_sigma_pct: float | None = None
+    #: (strain %, rotation deg): positions whose error bar exceeds either are greyed out
+    max_sigma: tuple[float, float] | None = None
 
-    def set_max_sigma(self, value: float | None) -> None:
-        """Grey out (None: show again) the positions whose error bar exceeds ``value``."""
-        self.max_sigma_pct = value
+    def set_max_sigma(self, value: tuple[float, float] | None) -> None:
+        """Grey out (None: show again) the positions whose error bar exceeds ``value`` =
+        (strain sigma in %, rotation sigma in degrees)."""
+        self.max_sigma = None if value is None else (float(value[0]), float(value[1]))
         self.refresh()
 
     # ----------------------------------------------------------------- probe

@@ -212,16 +212,25 @@ class MappingWidget(QWidget):
         # issue 13: grey out positions whose error bar is larger than a threshold
         self.sigma_mask = QCheckBox("Mask where \u03c3 >")
         self.sigma_mask.setToolTip(
-            "grey out positions whose standard deviation exceeds this (strain in %; the "
-            "rotation's in % of a radian, 0.01 rad ~ 1 %) in every map of that method")
+            "grey out, in every map of that method, the positions whose standard deviation "
+            "exceeds either limit: any strain component's (in %) or the rotation's (in degrees)")
         self.sigma_limit = QDoubleSpinBox()
         self.sigma_limit.setRange(0.001, 100.0)
         self.sigma_limit.setDecimals(3)
         self.sigma_limit.setSingleStep(0.01)
         self.sigma_limit.setValue(0.1)
         self.sigma_limit.setSuffix(" %")
+        self.sigma_limit.setToolTip("largest strain standard deviation shown (percent)")
+        self.sigma_limit_deg = QDoubleSpinBox()
+        self.sigma_limit_deg.setRange(0.001, 90.0)
+        self.sigma_limit_deg.setDecimals(3)
+        self.sigma_limit_deg.setSingleStep(0.01)
+        self.sigma_limit_deg.setValue(0.1)
+        self.sigma_limit_deg.setSuffix("\u00b0")
+        self.sigma_limit_deg.setToolTip("largest rotation standard deviation shown (degrees)")
         self.sigma_mask.toggled.connect(self._sigma_mask_changed)
         self.sigma_limit.valueChanged.connect(self._sigma_mask_changed)
+        self.sigma_limit_deg.valueChanged.connect(self._sigma_mask_changed)
         self.hist_z = QCheckBox("Histograms: (estimate \u2212 truth) / \u03c3")
         self.hist_z.setToolTip("error-normalised residual against the file's ground truth, "
                                "within grains; honest error bars give a unit normal (line)")
@@ -229,6 +238,7 @@ class MappingWidget(QWidget):
         srow = QHBoxLayout()
         srow.addWidget(self.sigma_mask)
         srow.addWidget(self.sigma_limit)
+        srow.addWidget(self.sigma_limit_deg)
         srow.addStretch(1)
         self.tabs = QTabWidget()
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -429,8 +439,8 @@ class MappingWidget(QWidget):
             self.set_grid(True)
 
     def _sigma_mask_changed(self, *_: Any) -> None:
-        self.session.set_max_sigma(self.sigma_limit.value() if self.sigma_mask.isChecked()
-                                   else None)
+        self.session.set_max_sigma((self.sigma_limit.value(), self.sigma_limit_deg.value())
+                                   if self.sigma_mask.isChecked() else None)
 
     def residual_z(self) -> dict[str, dict[str, np.ndarray]]:
         """Per method and component, ``(estimate - truth) / sigma`` within single grains
