@@ -8,8 +8,9 @@ itself, so the error bars can never describe different maths from the values the
 
 Both methods deliver the covariance of their *raw* affine ``A_raw`` (row-major flattened,
 ``(..., 4, 4)``) from a weighted least-squares fit of disk positions, scaled by that fit's own
-reduced chi-square and widened by the Student-t factor of that estimated scale (see
-:func:`wls_affine_covariance`, :func:`student_t_variance_factor`): the weights only need to be right
+reduced chi-square and widened by the Student-t factor of that estimated scale (the CC-ST-AE's
+``refine.affine_covariance``, py4DSTEM's ``lattice_covariance``; :func:`student_t_variance_factor`):
+the weights only need to be right
 *relative* to each other, and model error that scatters disks off the affine lattice (a wrong
 template, a background the model lacks) widens the error bar instead of hiding. The maps are
 relative to the reference region, ``A = A_raw A_ref^-1``, so the reference's own uncertainty
@@ -27,7 +28,6 @@ from .strain import A_to_strain, check_region, wrap_angle
 __all__ = [
     "COMPONENTS",
     "student_t_variance_factor",
-    "wls_affine_covariance",
     "basis_to_affine_covariance",
     "reference_covariance",
     "normalised_covariance",
@@ -64,32 +64,6 @@ def student_t_variance_factor(dof: np.ndarray) -> np.ndarray:
     d = np.asarray(dof, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(d >= 3, d / np.maximum(d - 2.0, 1.0), 3.0)
-
-
-def wls_affine_covariance(Minv: np.ndarray, chi2: np.ndarray, n_obs: np.ndarray,
-                          n_par: int = 3) -> np.ndarray:
-    """Covariance ``(..., 4, 4)`` of an affine ``A`` fitted column-wise from 2D points.
-
-    The fit is ``d_k = A p_k + t`` for both detector axes with the same weights ``w_k``, so the
-    two rows of ``A`` are independent and share ``Minv = (X^T W X)^-1`` (``(..., 3, 3)`` with
-    ``X = [p, 1]``, or its ``(..., 2, 2)`` block for ``A``). The noise scale is the fit's
-    reduced chi-square ``chi2 / (2 n_obs - 2 n_par)``: residual-based, so it needs no absolute
-    noise model and absorbs model error that scatters the points; times
-    :func:`student_t_variance_factor` (the scale is itself estimated).
-
-    Returns ``kron(I2, s2 Minv[:2, :2])`` (row-major flattening of ``A``; NaN where fewer
-    observations than parameters).
-    """
-    Minv = np.asarray(Minv, np.float64)[..., :2, :2]
-    dof = 2.0 * np.asarray(n_obs, np.float64) - 2.0 * n_par
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s2 = np.where(dof > 0, np.asarray(chi2, np.float64) / dof, np.nan)
-    s2 = s2 * student_t_variance_factor(dof)
-    C = Minv * s2[..., None, None]
-    out = np.zeros((*C.shape[:-2], 4, 4))
-    out[..., :2, :2] = C
-    out[..., 2:, 2:] = C
-    return out
 
 
 def basis_to_affine_covariance(cov_g: np.ndarray, binv: np.ndarray) -> np.ndarray:
