@@ -128,6 +128,19 @@ def _grid(viewer: Any) -> Any:
     return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
 
 
+
+def _sigma_limit_box(maximum: float, suffix: str, tip: str) -> QDoubleSpinBox:
+    """A spin box for one limit of "Mask where sigma >" (starts at 0.1, 0.01 steps)."""
+    box = QDoubleSpinBox()
+    box.setRange(0.001, maximum)
+    box.setDecimals(3)
+    box.setSingleStep(0.01)
+    box.setValue(0.1)
+    box.setSuffix(suffix)
+    box.setToolTip(tip)
+    return box
+
+
 class MappingWidget(QWidget):
     """Run CC-ST-AE and/or py4DSTEM on the current dataset and compare the maps."""
 
@@ -214,20 +227,10 @@ class MappingWidget(QWidget):
         self.sigma_mask.setToolTip(
             "grey out, in every map of that method, the positions whose standard deviation "
             "exceeds either limit: any strain component's (in %) or the rotation's (in degrees)")
-        self.sigma_limit = QDoubleSpinBox()
-        self.sigma_limit.setRange(0.001, 100.0)
-        self.sigma_limit.setDecimals(3)
-        self.sigma_limit.setSingleStep(0.01)
-        self.sigma_limit.setValue(0.1)
-        self.sigma_limit.setSuffix(" %")
-        self.sigma_limit.setToolTip("largest strain standard deviation shown (percent)")
-        self.sigma_limit_deg = QDoubleSpinBox()
-        self.sigma_limit_deg.setRange(0.001, 90.0)
-        self.sigma_limit_deg.setDecimals(3)
-        self.sigma_limit_deg.setSingleStep(0.01)
-        self.sigma_limit_deg.setValue(0.1)
-        self.sigma_limit_deg.setSuffix("\u00b0")
-        self.sigma_limit_deg.setToolTip("largest rotation standard deviation shown (degrees)")
+        self.sigma_limit = _sigma_limit_box(100.0, " %",
+                                            "largest strain standard deviation shown (percent)")
+        self.sigma_limit_deg = _sigma_limit_box(
+            90.0, "\u00b0", "largest rotation standard deviation shown (degrees)")
         self.sigma_mask.toggled.connect(self._sigma_mask_changed)
         self.sigma_limit.valueChanged.connect(self._sigma_mask_changed)
         self.sigma_limit_deg.valueChanged.connect(self._sigma_mask_changed)

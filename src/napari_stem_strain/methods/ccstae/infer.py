@@ -600,12 +600,11 @@ class PooledLastStep(BandConsumer):
         fit = torch.from_numpy(disk_fit)
         good = torch.from_numpy(np.isfinite(A_all[h0:h1]).all(axis=(2, 3)))
         ok = (fit[..., FIT_OK] > 0.5) & good[..., None]
+        A_band = torch.from_numpy(A_all[h0:h1]).float()
         coef, wts = pooled_coefficients(fit[..., FIT_COEF],
                                         fit[..., FIT_COND].unflatten(-1, (3, 4)),
-                                        fit[..., FIT_VAR], ok,
-                                        torch.from_numpy(A_all[h0:h1]).float(), self.halo)
+                                        fit[..., FIT_VAR], ok, A_band, self.halo)
         wts = torch.nan_to_num(wts, nan=0.0, posinf=0.0)
-        A_band = torch.from_numpy(A_all[h0:h1]).float()
         last_all = torch.from_numpy(window["last_step"])  # (h1 - h0, Ry, 6)
         dfrac = fit[..., FIT_DFRAC]
         if self.error_floor:
