@@ -315,6 +315,32 @@ def test_pool_nuisance_averages_within_a_grain_and_stops_at_its_boundary():
     assert torch.isfinite(pool_nuisance(vals, weight, A, radius=1)).all()
 
 
+def test_pool_nuisance_pools_a_noisy_grain_whole_when_told_how_noisy_its_A_is():
+    """At low dose one position's ``A`` scatters by more than the fixed same-grain tolerance
+    (hex_lowdose_background: ~0.012 against 0.01), so on the old code a position pooled ~6
+    of its 81 neighbours, the pooled step fell back to each pattern's own, noisier free fit,
+    and pooling made the map 12-14 % *worse*. Given each position's ``A`` variance, the
+    grain pools whole - and a grain boundary of 5 degrees still stops it."""
+    from napari_stem_strain.methods.ccstae.refine import pool_nuisance
+
+    rng = np.random.default_rng(0)
+    Rx, Ry, K, sd = 12, 16, 1, 0.008
+    t = np.deg2rad(5.0)
+    A = torch.eye(2).repeat(Rx, Ry, 1, 1)
+    A[:, 8:] = torch.tensor([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]],
+                            dtype=torch.float32)
+    A = A + torch.from_numpy(rng.normal(0, sd, (Rx, Ry, 2, 2))).float()
+    A_var = torch.full((Rx, Ry), 4 * sd**2)
+    vals = torch.from_numpy(1.0 + rng.normal(0, 0.5, (Rx, Ry, K, 1))).float()
+    vals[:, 8:] = 5.0
+    weight = torch.ones(Rx, Ry, K)
+    out = pool_nuisance(vals, weight, A, radius=4, A_var=A_var)
+    left = out[:, :8, 0, 0]
+    assert float(left.std()) < 0.3 * float(vals[:, :8].std())  # pooled, not left alone
+    assert torch.allclose(out[:, 8:], torch.tensor(5.0))  # nothing crosses the boundary
+    assert float(left.max()) < 2.0
+
+
 def test_pooled_disk_gradients_remove_their_bias():
     """Noise-free simulated polycrystal whose disks carry intensity gradients: fitting each
     pattern alone biases the strain (a gradient reads as a shift); pooling the gradient over

@@ -601,9 +601,12 @@ class PooledLastStep(BandConsumer):
         good = torch.from_numpy(np.isfinite(A_all[h0:h1]).all(axis=(2, 3)))
         ok = (fit[..., FIT_OK] > 0.5) & good[..., None]
         A_band = torch.from_numpy(A_all[h0:h1]).float()
+        # how far each unpooled A scatters decides how far apart the same grain may look
+        A_var = torch.from_numpy(np.trace(assembled["A_cov"][h0:h1], axis1=-2, axis2=-1)
+                                 .astype(np.float32))
         coef, wts = pooled_coefficients(fit[..., FIT_COEF],
                                         fit[..., FIT_COND].unflatten(-1, (3, 4)),
-                                        fit[..., FIT_VAR], ok, A_band, self.halo)
+                                        fit[..., FIT_VAR], ok, A_band, self.halo, A_var)
         wts = torch.nan_to_num(wts, nan=0.0, posinf=0.0)
         last_all = torch.from_numpy(window["last_step"])  # (h1 - h0, Ry, 6)
         dfrac = fit[..., FIT_DFRAC]
@@ -628,7 +631,7 @@ class PooledLastStep(BandConsumer):
 
             s2, tau2 = shift_error_model(scatter(res["resid"]), scatter(res["noise_factor"]),
                                          scatter(res["floor_factor"]), scatter(res["used"]),
-                                         A_band, self.halo)
+                                         A_band, self.halo, A_var)
             wts = floored_weights(torch.where(ok, wts, torch.zeros_like(wts)), s2, tau2)
         band = slice(r0 - h0, r1 - h0)
         sel = good[band].reshape(-1)

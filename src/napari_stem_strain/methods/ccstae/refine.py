@@ -53,6 +53,14 @@ __all__ = ["DiskTemplate", "make_template", "gather_patches", "lattice_points", 
 #: ramp, in-disk gradient) when the nuisances are pooled over neighbouring positions.
 FREE4, FIXED4 = [0, 1, 4, 5], [2, 3, 6, 7]
 
+#: Same-grain test of :func:`pool_nuisance` when the positions' ``A`` carry error bars: two
+#: positions are one grain if ``|A_1 - A_2|^2 <= tol^2 + SAME_GRAIN_Q99 (tr C_1 + tr C_2)``.
+#: ``|A_1 - A_2|^2`` of one grain is a sum of 4 squared Gaussian differences whose variances
+#: add to ``tr C_1 + tr C_2``: with equal variances it is ``(tr C_1 + tr C_2) / 4`` times a
+#: chi-square of 4 degrees of freedom, whose 99th percentile is 13.28 - so 99 % of a grain's
+#: pairs pass whatever the noise.
+SAME_GRAIN_Q99 = 13.28 / 4
+
 #: Sub-pixel phases per pixel at which the disk's least-squares problem is tabulated. The
 #: template is evaluated at the tabulated phase nearest each disk's predicted position and
 #: the fitted shift is taken from there, so the quantisation costs no precision.
@@ -784,7 +792,8 @@ ERROR_MODEL_ITERATIONS = 4
 
 def shift_error_model(resid: torch.Tensor, noise_factor: torch.Tensor,
                       floor_factor: torch.Tensor, used: torch.Tensor, A: torch.Tensor,
-                      radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      radius: int, A_var: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """How far each disk's measured shift scatters, as noise plus a floor: ``var_k = s2 / w_k
     + tau2``, with ``s2`` and ``tau2`` (each ``(Rx, Ry)``) fitted to the affine fit's residuals
     of a band of the scan, pooled over same-grain neighbours (:func:`pool_nuisance`).
@@ -802,7 +811,8 @@ def shift_error_model(resid: torch.Tensor, noise_factor: torch.Tensor,
 
     ``resid`` (Rx,Ry,K,2), ``noise_factor``, ``floor_factor`` and ``used`` (Rx,Ry,K) as
     :func:`affine_update` leaves them; ``A`` (Rx,Ry,2,2) the transforms that decide which
-    neighbours are the same grain. Method of moments on ``e_k = |r_k|^2 / 2``, whose mean is
+    neighbours are the same grain, ``A_var`` (Rx,Ry) their variance (:func:`pool_nuisance`).
+    Method of moments on ``e_k = |r_k|^2 / 2``, whose mean is
     ``s2 noise_factor_k + tau2 floor_factor_k`` exactly (the factors carry the fit's hat
     matrix, so a disk that alone pins a parameter - the direct beam - weighs nothing);
     iteratively reweighted by the last round's variance of ``e_k`` (~ its mean squared)."""
@@ -830,7 +840,8 @@ def shift_error_model(resid: torch.Tensor, noise_factor: torch.Tensor,
                           -1).sum(2)  # (Rx,Ry,5)
         # each position counts the same in the pooled mean
         mom = mom / (mom[..., 0] + mom[..., 2]).clamp_min(1e-300)[..., None]
-        pooled = pool_nuisance(mom[:, :, None, :].float(), has.float(), A, radius)[:, :, 0]
+        pooled = pool_nuisance(mom[:, :, None, :].float(), has.float(), A, radius,
+                               A_var=A_var)[:, :, 0]
         aa, ab, bb, ae, be = (pooled[..., i].double() for i in range(5))
         det = aa * bb - ab * ab
         okd = det > 1e-9 * (aa * bb).clamp_min(1e-300)
@@ -869,7 +880,8 @@ def condition(coef8: torch.Tensor, ph: torch.Tensor, tpl: DiskTemplate) -> torch
 
 
 def pool_nuisance(values: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
-                  radius: int = 4, tol: float = 0.01) -> torch.Tensor:
+                  radius: int = 4, tol: float = 0.01, A_var: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Weighted mean of per-disk nuisance ``values`` (Rx,Ry,K,C) over neighbouring positions.
 
     ``weight`` (Rx,Ry,K) or (Rx,Ry,K,C): inverse variance (zero where the disk was not
@@ -880,7 +892,15 @@ def pool_nuisance(values: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
     (thickness, tilt) change slowly across a grain, while one pattern's own estimates of them
     are noisy and, fitted freely, cost the shift much of its precision (a free in-disk
     gradient about 45 % in standard deviation); fixed to pooled values they remove their bias
-    from the shift at almost no cost. Returns the pooled values (0 where nothing pooled)."""
+    from the shift at almost no cost. Returns the pooled values (0 where nothing pooled).
+
+    ``A_var`` (Rx,Ry), when given: the variance of each position's ``A`` (the trace of its
+    covariance). Neighbours then count as the same grain up to the distance their own noise
+    explains (:data:`SAME_GRAIN_Q99`): at low dose one position's ``A`` scatters by more than
+    ``tol``, and a fixed tolerance left each position pooling only a few neighbours - the
+    pooled step then fell back to each pattern's own, noisier free fit (validation case
+    hex_lowdose_background: a median of 6 of 81 neighbours, the map 12-14 % worse than with
+    no pooling at all)."""
     Rx, Ry = values.shape[:2]
     if weight.dim() == 3:
         weight = weight[..., None].expand_as(values)
@@ -892,13 +912,17 @@ def pool_nuisance(values: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
     wp = torch.nn.functional.pad(weight.permute(3, 2, 0, 1), (pad, pad, pad, pad))
     ap = torch.nn.functional.pad(Af.permute(2, 0, 1), (pad, pad, pad, pad), value=1e6)
     Ac = Af.permute(2, 0, 1)
+    if A_var is not None:
+        v = torch.nan_to_num(A_var.to(Af.dtype), nan=0.0, posinf=0.0).clamp_min(0)
+        vp = torch.nn.functional.pad(v, (pad, pad, pad, pad))
     num = torch.zeros_like(wvp[:, :, pad:pad + Rx, pad:pad + Ry])  # (C,K,Rx,Ry)
     den = torch.zeros_like(num)
     for di in range(-radius, radius + 1):
         for dj in range(-radius, radius + 1):
             r = slice(pad + di, pad + di + Rx)
             c = slice(pad + dj, pad + dj + Ry)
-            same = (((ap[:, r, c] - Ac) ** 2).sum(0) < tol ** 2).to(values.dtype)  # (Rx,Ry)
+            lim = tol ** 2 if A_var is None else tol ** 2 + SAME_GRAIN_Q99 * (vp[r, c] + v)
+            same = (((ap[:, r, c] - Ac) ** 2).sum(0) < lim).to(values.dtype)  # (Rx,Ry)
             num += wvp[:, :, r, c] * same
             den += wp[:, :, r, c] * same
     num, den = num.permute(2, 3, 1, 0), den.permute(2, 3, 1, 0)
@@ -906,14 +930,16 @@ def pool_nuisance(values: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
 
 
 def pooled_coefficients(coef8: torch.Tensor, cond: torch.Tensor, var4: torch.Tensor,
-                        ok: torch.Tensor, A: torch.Tensor, radius: int = 4
+                        ok: torch.Tensor, A: torch.Tensor, radius: int = 4,
+                        A_var: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every disk's fit with its background ramp and in-disk gradient (relative to its gain)
     fixed to their values pooled over neighbours (:func:`pool_nuisance`).
 
     Inputs are :func:`poisson_fit`'s for a whole band of the scan: ``coef8`` (Rx,Ry,K,8),
     ``cond`` (Rx,Ry,K,3,4), ``var4`` (Rx,Ry,K); ``ok`` (Rx,Ry,K) the disks used; ``A``
-    (Rx,Ry,2,2). Exact for a linear least-squares problem: fixing coefficients ``x`` to
+    (Rx,Ry,2,2) and ``A_var`` (Rx,Ry) its variance (see :func:`pool_nuisance`). Exact for a
+    linear least-squares problem: fixing coefficients ``x`` to
     ``v`` moves the free ones by ``G_ff^-1 G_fx (c_x - v)``. Returns ``(coef6, weight)``:
     6 coefficients in :func:`affine_update`'s layout and the affine weights."""
     gain = coef8[..., 0]
@@ -923,7 +949,8 @@ def pooled_coefficients(coef8: torch.Tensor, cond: torch.Tensor, var4: torch.Ten
     # the ramp's variance hardly depends on the disk's strength, the gradient ratio's ~1/gain^2
     weight = torch.cat([ones.expand(*ones.shape[:-1], 2),
                         (ones * gain[..., None] ** 2).expand(*ones.shape[:-1], 2)], -1)
-    pooled = pool_nuisance(torch.cat([coef8[..., 2:4], ratio], -1), weight, A, radius)
+    pooled = pool_nuisance(torch.cat([coef8[..., 2:4], ratio], -1), weight, A, radius,
+                           A_var=A_var)
     ramp, grad = pooled[..., :2], pooled[..., 2:]
     fixed = torch.cat([ramp, gain[..., None] * grad], -1)
     cf = coef8[..., [0, 4, 5]] + (cond @ (coef8[..., FIXED4] - fixed)[..., None])[..., 0]
