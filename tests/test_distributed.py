@@ -371,6 +371,26 @@ def test_block_that_kills_every_worker_gives_clear_error(h5file):
                         block_bytes=5 * 8 * 8 * 4)
 
 
+def test_a_run_leaves_the_global_dask_scheduler_alone(h5file, threads_cluster):
+    """The run's Client must not become dask's default: while it runs, other dask work in
+    the same process (napari computing a lazy layer, a dask-backed reader) would be sent to
+    the cluster, and a Client closed out of order leaves ``scheduler='dask.distributed'``
+    set for good - seen in CI as reader tests failing with 'no Client active' after the
+    distributed tests."""
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    during: list = []
+
+    def look(done, total, msg):
+        during.append(dask.config.get("scheduler", None))
+
+    with open_h5(h5file) as ds:
+        run_method_dask(ComMethod(), ds, threads_cluster.scheduler_address, progress=look)
+    assert during and all(s == before for s in during), during
+    assert dask.config.get("scheduler", None) == before
+
+
 def test_windowed_outputs_identical_on_dask(h5file, threads_cluster):
     """An output declared window=True is fed to the method's band consumer as rows complete
     (blocks of one row, in completion order on two workers): the result equals one

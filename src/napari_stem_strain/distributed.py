@@ -323,14 +323,16 @@ def _client_for(address: str, local_processes: bool, connect_timeout: float
             protocol="tcp://", dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
         )
         try:
-            with Client(cluster) as client:
+            # never dask's default: other dask work in this process (napari computing a
+            # lazy layer) must not be sent to the cluster while it runs
+            with Client(cluster, set_as_default=False) as client:
                 yield client
         finally:
             cluster.close()
         return
     probe_scheduler(where, connect_timeout)
     try:
-        client = Client(where, timeout=f"{connect_timeout}s")
+        client = Client(where, timeout=f"{connect_timeout}s", set_as_default=False)
     except (OSError, TimeoutError) as err:
         raise ClusterError(f"cannot reach the dask scheduler at {where} ({err})") from err
     with client:
@@ -425,6 +427,9 @@ class _BlockRun:
         self.should_stop = should_stop
         #: future -> (r0, r1, the scattered method it uses)
         self.pending: dict[Any, tuple[int, int, Any]] = {}
+        #: set whenever a pending future finishes (its done-callback): ``distributed.wait``
+        #: would need this run's Client to be dask's default, which it never is
+        self.changed = threading.Event()
         self.method_losses = 0
         self.method_stale = False
         self.method_f: Any = self._scatter()
@@ -468,13 +473,13 @@ class _BlockRun:
                                      input_rows(self.inputs, r0, r1),
                                      retries=self.retries, pure=False)
         self.pending[fut] = (r0, r1, self.method_f)
+        fut.add_done_callback(lambda _: self.changed.set())
 
     def results(self, blocks: list[tuple[int, int]], n_workers: int,
                 ahead: int | None = None) -> Iterator[_Out]:
         """``(r0, r1, rows of every declared output)`` of every block, in completion order.
         ``ahead``: submit no block more than this many blocks after the first block not yet
         yielded (None: no such limit)."""
-        from distributed import wait
         from distributed.scheduler import KilledWorker
 
         todo = list(reversed(blocks))
@@ -492,12 +497,10 @@ class _BlockRun:
                    and index[todo[-1][0]] < first_open + reach):
                 self.submit(*todo.pop())
             check_stop(self.should_stop)
-            try:
-                wait(list(self.pending), timeout=_POLL_S, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                pass
-            except CancelledError:
-                pass  # a task was dropped by the cluster: handled below, by status
+            # until a block finishes (or a poll's time passes); cleared before the statuses
+            # are read, so a block finishing after this wakes the next wait at once
+            self.changed.wait(_POLL_S)
+            self.changed.clear()
             finished = [f for f in self.pending if f.status != "pending"]
             for fut in finished:
                 r0, r1, used = self.pending.pop(fut)
