@@ -8,11 +8,11 @@ itself, so the error bars can never describe different maths from the values the
 
 Both methods deliver the covariance of their *raw* affine ``A_raw`` (row-major flattened,
 ``(..., 4, 4)``) from a weighted least-squares fit of disk positions, scaled by that fit's own
-reduced chi-square and widened by the Student-t factor of that estimated scale (the CC-ST-AE's
-``refine.affine_covariance``, py4DSTEM's ``lattice_covariance``; :func:`student_t_variance_factor`):
-the weights only need to be right
-*relative* to each other, and model error that scatters disks off the affine lattice (a wrong
-template, a background the model lacks) widens the error bar instead of hiding. The maps are
+reduced chi-square and widened by the Student-t factor of that estimated scale (the
+CC-ST-AE's ``refine.affine_covariance``, py4DSTEM's ``lattice_covariance``;
+:func:`student_t_variance_factor`): the weights only need to be right *relative* to each
+other, and model error that scatters disks off the affine lattice (a wrong template, a
+background the model lacks) widens the error bar instead of hiding. The maps are
 relative to the reference region, ``A = A_raw A_ref^-1``, so the reference's own uncertainty
 enters every position (:func:`reference_covariance`).
 

@@ -106,8 +106,8 @@ def lattice_covariance(peaks: np.ndarray, hk: np.ndarray, weights: np.ndarray,
     covariance (times :func:`..uncertainty.student_t_variance_factor`: the scale is estimated
     from those residuals). Why residual-based: the weights (disk intensities) only say how
     disks compare, not how many pixels of scatter one has; the residuals do, and they include
-    model error (a
-    peak finder's sub-pixel bias, a disk cut by the detector edge) the intensities never show.
+    model error (a peak finder's sub-pixel bias, a disk cut by the detector edge) the
+    intensities never show.
     NaN with fewer than 4 peaks (no degree of freedom left).
     """
     hk = np.asarray(hk, float)
