@@ -82,8 +82,7 @@ def unreliable(m: MethodMaps, limits: tuple[float, float] | None) -> np.ndarray 
         return None
     strain_pct, theta_deg = limits
     worst = np.fmax(np.fmax(sig["exx"], sig["eyy"]), sig["exy"]) * 100.0
-    bad = np.asarray(worst > strain_pct) | np.asarray(np.asarray(sig["theta"]) > theta_deg)
-    return bad
+    return np.asarray(worst > strain_pct) | np.asarray(np.asarray(sig["theta"]) > theta_deg)
 
 
 def display_values(m: MethodMaps, comp: str, max_sigma: tuple[float, float] | None = None

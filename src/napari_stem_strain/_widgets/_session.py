@@ -500,8 +500,8 @@ class StrainSession:
         self.results_changed.emit()
         return True
 
-    #: issue 13: grey out positions whose error bar exceeds this (percent strain; None: off)
-    #: (strain %, rotation deg): positions whose error bar exceeds either are greyed out
+    #: issue 13: (strain %, rotation deg): positions whose error bar exceeds either limit are
+    #: greyed out; None: off
     max_sigma: tuple[float, float] | None = None
 
     def set_max_sigma(self, value: tuple[float, float] | None) -> None:

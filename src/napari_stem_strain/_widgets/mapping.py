@@ -128,7 +128,6 @@ def _grid(viewer: Any) -> Any:
     return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
 
 
-
 def _sigma_limit_box(maximum: float, suffix: str, tip: str) -> QDoubleSpinBox:
     """A spin box for one limit of "Mask where sigma >" (starts at 0.1, 0.01 steps)."""
     box = QDoubleSpinBox()
