@@ -114,9 +114,17 @@ the strong disks (square_psf_weak exx 1.87 -> 1.46e-3, eyy 1.69 -> 1.43e-3; nois
 eyy 0.39 -> 0.19e-3) and moves the other rows by 0-6 %. At low dose (hex_lowdose_background)
 pooling gains 4-5 % only since stop 18: before, the same-grain test ignored each position's
 own noise, a position pooled ~6 of its 81 neighbours and pooling made that map 12-14 % worse
-than none (docs/benchmarks.md "Pooling at low dose"). The learned base itself is not used as
-the refinement's template (the template is the data's own direct beam); comparing the two for
-dynamical disks was not measured."""
+than none (docs/benchmarks.md "Pooling at low dose").
+
+Could the learned base be the refinement's template for dynamical disks (the issue's
+suggestion)? Measured, no: the base is the encoder's view - 32 x 32 pixels over +-2.6 lattice
+units, square-rooted, standardised, the direct beam masked - so on every validation case one
+base pixel spans 3.3-3.9 detector pixels and a whole disk 2.0-2.3 base pixels (`L` and `r`
+from `measure_geometry` on each case). It holds each disk's mean brightness - the relative
+intensities that dynamical scattering sets between disks - but nothing of the contrast
+*inside* a disk, and the refinement already fits every disk's gain and in-disk gradient
+freely, so the base has nothing to add at the refinement's precision. The refinement's
+template is the data's own direct beam, modelled at sub-pixel resolution (`PixelModel`)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,10 @@ purpose unlike it where real data differ from that simulator:
 
 Truth: each grain has one uniform deformation ``F = V R`` (CONVENTIONS.md) relative to the
 reference grain; ``A = F^-T``; grain labels are stored so that error splits into a per-grain
-bias and a within-grain scatter.
+bias and a within-grain scatter. The truth maps come from the true ``A`` through the shared
+strain maths, relative to the median over the case's reference region - as CONVENTIONS.md
+defines the reference - so a region that a grain boundary crosses (a few seeds put another
+grain there) still has the same reference for the truth as for the methods.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_stem_strain.io.ground_truth import GroundTruth, write_ground_truth
-from napari_stem_strain.strain import SYMMETRY_DEG, strain_to_A, wrap_angle
+from napari_stem_strain.strain import SYMMETRY_DEG, strain_maps, strain_to_A
 
 __all__ = ["Case", "render_case", "write_case_file"]
 
@@ -165,7 +168,6 @@ def render_case(case: Case, folder: Path) -> Path:
     lor /= lor.sum()
     data = np.zeros((n, n, Q, Q), np.float32)
     A_true = np.full((n, n, 2, 2), np.nan, np.float32)
-    truth = {k: np.full((n, n), np.nan, np.float32) for k in ("exx", "eyy", "exy", "theta")}
     cen = np.zeros((n, n, 2), np.float32)
     c0 = np.array([(Q - 1) / 2 + 0.31, (Q - 1) / 2 - 0.17])
     dr, dc, er, ec = case.descan
@@ -178,9 +180,6 @@ def render_case(case: Case, folder: Path) -> Path:
                 k = labels[i, j]
                 A = strain_to_A(*params[k])
                 A_true[i, j] = A
-                for name, val in zip(("exx", "eyy", "exy"), params[k, :3], strict=True):
-                    truth[name][i, j] = val
-                truth["theta"][i, j] = wrap_angle(params[k, 3], sym)
                 p = render_pattern(case, A, c, amps, hk, grain_fringes[k])
             else:
                 p = render_pattern(case, None, c, amps, hk, grain_fringes[0])
@@ -195,6 +194,10 @@ def render_case(case: Case, folder: Path) -> Path:
                 data[i, j] = rng.poisson(p * case.dose)
     folder.mkdir(parents=True, exist_ok=True)
     ref = f"0:{max(4, n // 5)},0:{max(4, n // 5)}"
+    # the grains' deformations are relative to grain 0; the maps are relative to the
+    # region's median, which is grain 0 only where grain 0 holds most of the region
+    tm = strain_maps(A_true, ref, sym, sample)
+    truth = {k: getattr(tm, k).astype(np.float32) for k in ("exx", "eyy", "exy", "theta")}
     gt = GroundTruth(truth["exx"], truth["eyy"], truth["exy"], truth["theta"], sample, sym, ref,
                      grains=np.where(sample, labels, -1), A=A_true, center=cen,
                      lattice=case.lattice)

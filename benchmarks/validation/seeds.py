@@ -1,0 +1,115 @@
+"""How much of a validation case's score is the luck of its one draw: the same case rendered
+again with other seeds, both methods scored on each as ``validate.py`` scores them.
+
+    nice python benchmarks/validation/seeds.py hex_detector_background square_psf_weak \
+        --seeds 3 103 203 303 403 [--write]
+
+Each renderer case (``validate.CASES``) is one random draw of its grains' deformations, the
+fringes inside their disks and the shot noise, with 5-6 grains. Per-grain biases and the MAE
+ratio CC-ST-AE / py4DSTEM rest on that one draw; a miss can be a method's systematic
+weakness or a draw that fell on it. Rendering the same *kind* of data with other seeds (no
+other change: same physics, settings and methods) tells which: the per-seed ratios, their
+mean and spread. The case's own seed is one of them when listed. Data are cached in
+``bench_data/validation/seeds/``; ``--write`` puts the table into docs/benchmarks.md
+(section ``seeds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from common import command_line, machine_info, write_section  # noqa: E402
+from render import render_case  # noqa: E402
+from validate import CASES, FOLDER, score_case  # noqa: E402
+
+SEED_DIR = FOLDER / "seeds"
+RESULTS = SEED_DIR / "results.json"
+STRAIN = ("exx", "eyy", "exy")
+
+
+def seeded(name: str, seed: int):
+    """The validation case ``name`` with another seed (its own file name)."""
+    case = {c.name: c for c in CASES}[name]
+    return dataclasses.replace(case, name=f"{name}_seed{seed}", seed=seed)
+
+
+def run(names: list[str], seeds: list[int]) -> dict:
+    """Render (cached) and score every case x seed; results merged into ``RESULTS``."""
+    SEED_DIR.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name in names:
+        for s in seeds:
+            c = seeded(name, s)
+            path = SEED_DIR / c.file_name()
+            if not path.exists():
+                t0 = time.perf_counter()
+                render_case(c, SEED_DIR)
+                print(f"rendered {c.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+            results.setdefault(name, {})[str(s)] = score_case(path, ["ae", "py4dstem"])
+            RESULTS.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _ratio(row: dict, k: str) -> float | None:
+    ae, p4 = row.get("ae", {}), row.get("py4dstem", {})
+    if k not in ae or k not in p4 or not p4[k]:
+        return None
+    return ae[k] / p4[k]
+
+
+def report(results: dict) -> str:
+    lines = [f"Machine: {machine_info()}. Command: `{command_line()}`.", "",
+             "CC-ST-AE / py4DSTEM MAE ratio exx / eyy / exy / theta per seed (the case's own "
+             "seed marked *), and over the seeds the mean ratio and how many seeds meet the "
+             "target (<= 0.75 strain, <= 1.0 rotation).", "",
+             "| case | per seed | mean | seeds meeting exx / eyy / exy / theta |",
+             "|---|---|---|---|"]
+    own = {c.name: c.seed for c in CASES}
+    for name, by_seed in results.items():
+        cells, ratios = [], {k: [] for k in (*STRAIN, "theta")}
+        for s, row in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+            r = {k: _ratio(row, k) for k in ratios}
+            if any(v is None for v in r.values()):
+                cells.append(f"{s}: failed")
+                continue
+            for k, v in r.items():
+                ratios[k].append(v)
+            mark = "*" if int(s) == own.get(name) else ""
+            cells.append(f"{s}{mark}: " + " / ".join(f"{r[k]:.2f}" for k in ratios))
+        mean = " / ".join(f"{np.mean(v):.2f}" if v else "-" for v in ratios.values())
+        meet = " / ".join(
+            f"{sum(x <= (1.0 if k == 'theta' else 0.75) for x in v)} of {len(v)}"
+            for k, v in ratios.items())
+        lines.append(f"| {name} | " + "<br>".join(cells) + f" | {mean} | {meet} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("cases", nargs="*", help="validation case names (renderer cases)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[103, 203, 303, 403])
+    ap.add_argument("--report", action="store_true", help="only print the cached results")
+    ap.add_argument("--write", action="store_true", help="write the table into docs")
+    args = ap.parse_args(argv)
+    results = (json.loads(RESULTS.read_text()) if args.report
+               else run(args.cases, args.seeds))
+    text = report(results)
+    print(text)
+    if args.write:
+        write_section("seeds", "## Validation cases over several seeds\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
