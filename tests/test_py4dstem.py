@@ -272,6 +272,25 @@ def test_index_pattern_any_rotation(angle: float) -> None:
     assert np.allclose(res.fit.origin, origin, atol=0.05)
 
 
+@pytest.mark.parametrize("angle", [-25.0, -8.0, -0.6, 0.4, 12.0, 29.0])
+def test_index_pattern_keeps_the_branch_nearest_the_basis(angle: float) -> None:
+    """A grain rotated by less than half a symmetry period from the basis is fitted on the
+    basis's own branch (``A`` a rotation by ``angle``, not ``angle + 60``). The rotation search
+    used to run over ``[0, 60)`` degrees, so a grain a little clockwise of the basis came out
+    as ``R(angle + 60)``: the same lattice, but against a strained reference ``A_ref S
+    A_ref^-1`` is no rotation, and every such position carried the reference's strain as an
+    error (a validation seed whose reference region a grain boundary crosses: 2e-2 in exx)."""
+    A_true = rotation_matrix(angle) @ np.array([[1.012, 0.003], [0.003, 0.993]])
+    G = A_true @ HEX0.T
+    origin = np.array([31.3, 32.6])
+    pts = np.vstack([origin, origin + _lattice_points(G, 2)])
+    inten = np.r_[10.0, np.ones(len(pts) - 1)]
+    res = index_pattern(pts, inten, HEX0.T, 60.0, tol=0.2 * L)
+    assert res.fit is not None
+    A = res.fit.G @ np.linalg.inv(HEX0.T)
+    assert np.allclose(A, A_true, atol=2e-3), np.rad2deg(np.arctan2(A[1, 0], A[0, 0]))
+
+
 def test_index_pattern_rejects_noise() -> None:
     """Random maxima (noise, vacuum) almost never pass as a lattice."""
     fits = 0

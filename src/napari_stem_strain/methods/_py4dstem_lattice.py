@@ -6,8 +6,10 @@ vectors ``g1, g2`` of one pattern, the way an expert would with the basis in han
 1. :func:`find_basis` picks, from a set of detected disks, the pair of disk vectors that indexes
    the most disks (ties: the smallest cell), then reduces it to the shortest (Lagrange-Gauss)
    basis - robust to a stray false peak, which a "take the two shortest vectors" rule is not.
-2. :func:`index_pattern` rotates the reference basis over one symmetry period to find the
-   rotation that indexes the most disks (grains may be rotated by any angle), then alternates
+2. :func:`index_pattern` rotates the reference basis over one symmetry period (centred on the
+   basis, so that every grain within half a period of it is fitted on one symmetry branch)
+   to find the rotation that indexes the most disks (grains may be rotated by any angle),
+   then alternates
    re-indexing and a weighted least-squares fit of ``origin + h g1 + k g2`` over all indexed
    disks. Fitting the origin jointly with the lattice (as py4DSTEM's ``fit_lattice_vectors``
    does) makes each position immune to descan without a separate origin calibration, and
@@ -251,8 +253,11 @@ def index_pattern(
     d = peaks - centre
     is_centre = np.arange(len(d)) == np.argmax(inten)
 
-    # 1. rotation search over one symmetry period (vectorised over angles)
-    phis = np.deg2rad(np.arange(0.0, symmetry_deg, step_deg))
+    # 1. rotation search over one symmetry period (vectorised over angles), centred on the
+    #    basis: a grain within half a period of it is fitted on the basis's own branch, so all
+    #    positions of a map share one branch (test_index_pattern_keeps_the_branch_nearest_the_
+    #    basis); a period starting at 0 put every grain clockwise of the basis on the next one
+    phis = np.deg2rad(np.arange(-symmetry_deg / 2, symmetry_deg / 2, step_deg))
     Gs = _rotation(phis) @ basis  # (nphi, 2, 2)
     Ginv = np.linalg.inv(Gs)
     frac = np.einsum("pij,nj->pni", Ginv, d[~is_centre])
