@@ -129,16 +129,45 @@ def render_pattern(case: Case, A: np.ndarray | None, centre: np.ndarray, amps: n
     return img
 
 
-def render_case(case: Case, folder: Path) -> Path:
-    """Render ``case`` into ``folder/NAME.h5`` (4D data at ``/data``, ground truth at
-    ``/ground_truth``) and return the path. Deterministic in ``case.seed``."""
-    import time
+@dataclass
+class Draw:
+    """Everything random about a case, drawn from ``case.seed`` in a fixed order (the data's
+    Poisson noise is drawn after it, from the same generator ``rng``)."""
 
-    t0 = time.perf_counter()
+    rng: np.random.Generator
+    labels: np.ndarray  # (n, n) grain of each scan position
+    params: np.ndarray  # (n_grains, 4): exx, eyy, exy, theta (deg) of each grain's F
+    sample: np.ndarray  # (n, n) bool
+    hk: np.ndarray  # (R, 2) reflections, the direct beam first
+    amps: np.ndarray  # (R,) their intensities relative to the beam
+    grain_fringes: np.ndarray  # (n_grains, R, 5) in-disk gradient and fringe
+    lor: np.ndarray  # (Q, Q) the detector-centred background, unit sum
+
+    def centre(self, case: Case, i: int, j: int) -> np.ndarray:
+        """The direct beam's position (detector px) at scan position ``(i, j)``: descan."""
+        n, Q = case.scan, case.pattern
+        c0 = np.array([(Q - 1) / 2 + 0.31, (Q - 1) / 2 - 0.17])
+        dr, dc, er, ec = case.descan
+        u, v = i / max(1, n - 1) - 0.5, j / max(1, n - 1) - 0.5
+        return c0 + np.array([dr * u + dc * v, er * u + ec * v])
+
+    def expected(self, case: Case, A: np.ndarray | None, centre: np.ndarray,
+                 grain: int) -> np.ndarray:
+        """The pattern's expected counts (or, noise-free, its stored values)."""
+        p = render_pattern(case, A, centre, self.amps, self.hk, self.grain_fringes[grain])
+        total = p.sum()
+        if case.background > 0:
+            p = (1 - case.background) * p / total + case.background * self.lor
+        else:
+            p = p / total
+        return p * (1e5 if case.dose is None else case.dose)
+
+
+def draw(case: Case) -> Draw:
+    """The random part of ``case`` (see :class:`Draw`)."""
     rng = np.random.default_rng(case.seed)
     n, Q = case.scan, case.pattern
     labels = _grains(case, rng)
-    sym = SYMMETRY_DEG[case.lattice]
     params = np.zeros((case.n_grains, 4))
     for k in range(1, case.n_grains):
         params[k, :3] = rng.uniform(-case.max_strain, case.max_strain, 3)
@@ -166,32 +195,34 @@ def render_case(case: Case, folder: Path) -> Path:
     hw = case.background_hwhm * Q
     lor = 1.0 / (1.0 + ((ii - (Q - 1) / 2) ** 2 + (jj - (Q - 1) / 2) ** 2) / hw**2)
     lor /= lor.sum()
+    return Draw(rng, labels, params, sample, hk, amps, grain_fringes, lor)
+
+
+def render_case(case: Case, folder: Path) -> Path:
+    """Render ``case`` into ``folder/NAME.h5`` (4D data at ``/data``, ground truth at
+    ``/ground_truth``) and return the path. Deterministic in ``case.seed``."""
+    import time
+
+    t0 = time.perf_counter()
+    d = draw(case)
+    rng, labels, params, sample = d.rng, d.labels, d.params, d.sample
+    n, Q = case.scan, case.pattern
+    sym = SYMMETRY_DEG[case.lattice]
     data = np.zeros((n, n, Q, Q), np.float32)
     A_true = np.full((n, n, 2, 2), np.nan, np.float32)
     cen = np.zeros((n, n, 2), np.float32)
-    c0 = np.array([(Q - 1) / 2 + 0.31, (Q - 1) / 2 - 0.17])
-    dr, dc, er, ec = case.descan
     for i in range(n):
         for j in range(n):
-            u, v = i / max(1, n - 1) - 0.5, j / max(1, n - 1) - 0.5
-            c = c0 + np.array([dr * u + dc * v, er * u + ec * v])
+            c = d.centre(case, i, j)
             cen[i, j] = c
             if sample[i, j]:
                 k = labels[i, j]
                 A = strain_to_A(*params[k])
                 A_true[i, j] = A
-                p = render_pattern(case, A, c, amps, hk, grain_fringes[k])
+                lam = d.expected(case, A, c, k)
             else:
-                p = render_pattern(case, None, c, amps, hk, grain_fringes[0])
-            total = p.sum()
-            if case.background > 0:
-                p = (1 - case.background) * p / total + case.background * lor
-            else:
-                p = p / total
-            if case.dose is None:
-                data[i, j] = p * 1e5
-            else:
-                data[i, j] = rng.poisson(p * case.dose)
+                lam = d.expected(case, None, c, 0)
+            data[i, j] = lam if case.dose is None else rng.poisson(lam)
     folder.mkdir(parents=True, exist_ok=True)
     ref = f"0:{max(4, n // 5)},0:{max(4, n // 5)}"
     # the grains' deformations are relative to grain 0; the maps are relative to the

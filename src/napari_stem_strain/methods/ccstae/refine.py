@@ -636,7 +636,9 @@ def refine(
         if not coarse and step == max(1, steps) - 1 and tpl.design_lin is not None:
             # the last step: Poisson-weighted fit of the counts themselves (the square-root fit
             # above decides which disks count and models the expected counts for the weights)
-            pf = poisson_fit(patch, ph, coef8, tpl)
+            # one detector count in data units: square-rooted Poisson counts scatter by 1/2
+            count = 4.0 * sigma2[:, 1:].median(1).values if K > 1 else 4.0 * sigma2[:, 0]
+            pf = poisson_fit(patch, ph, coef8, tpl, count)
             coef, wts = pf["coef6"], pf["weight6"]
             if extra is not None:
                 extra.update(coef=pf["coef8"], cond=pf["cond"], var4=pf["var4"], dfrac=dfrac,
@@ -658,19 +660,38 @@ def refine(
     return A, t, n_ok, rms
 
 
+#: Floor of a pixel's variance in the Poisson step, relative to the peak of its own disk's
+#: model: a pixel the model puts at (nearly) zero counts would otherwise weigh without bound,
+#: and there the template's tail is model, not data (noise-free sharp disks shifted over a
+#: pixel, tests/test_phase_sweep.py: strain spread 7e-5 with a floor at 0.1 % of the disk,
+#: 1.2e-5 at 1 %). Relative to the disk, not the beam: a first-order disk may hold 1e-3 of
+#: the beam, and the floor used to be 1e-3 of the beam's peak, which levels every pixel of
+#: such a disk to one weight (tests/test_poisson_weights.py; a Cramer-Rao computation puts
+#: the cost of a floor at 1 % of the disk's own peak at 1 %).
+POISSON_FLOOR = 1e-2
+
+#: ... and at this many detector counts: below about one count the Gaussian weights of the
+#: Poisson fit stop describing Poisson data (low dose: a pixel the noisy model puts at 0.05
+#: counts that records one would weigh 20x).
+COUNT_FLOOR = 1.0
+
+
 def poisson_fit(patch: torch.Tensor, ph: torch.Tensor, coef8: torch.Tensor,
-                tpl: DiskTemplate) -> dict[str, torch.Tensor]:
+                tpl: DiskTemplate, count: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
     """Poisson-weighted least squares of every disk's raw counts (the last Gauss-Newton step).
 
     The square-root fit is variance-stabilised but its template is then the square root of
     the beam, which a disk sitting on diffuse background does not follow (``sqrt(b + a T)``
     is not ``sqrt(b) + c sqrt(T)``); and it wastes the tails. Here the counts ``patch^2`` are
     fitted with the plain intensity design (``design_lin``, same 8 columns) and weights
-    ``1 / mu``, ``mu`` = the square of the square-root fit ``coef8`` (floored at 1e-3 of the
-    beam's peak), then once more with ``mu`` from that fit: two steps of iteratively
-    reweighted least squares for a Poisson likelihood (a single-disk Fisher computation gives
-    8-13 % lower shift scatter than the square-root fit; measured on the benchmark files:
-    -6 % strain scatter at w = 0.5, the second reweighting another -2 to -3 %).
+    ``1 / mu``, ``mu`` = the square of the square-root fit ``coef8`` (floored at
+    :data:`POISSON_FLOOR` of the disk's own peak and at ``count``, one detector count in the
+    data's units, per pattern), then once more with ``mu`` from that fit: two steps of
+    iteratively reweighted least squares for a Poisson likelihood (a single-disk Fisher
+    computation gives 8-13 % lower shift scatter than the square-root fit; measured on the
+    benchmark files: -6 % strain scatter at w = 0.5, the second reweighting another -2 to
+    -3 %). ``count`` ``(B,)``: None leaves only the relative floor.
 
     Returns (all ``(B, K, ...)``): ``coef6`` the fit without the in-disk gradient and
     ``weight6`` its inverse shift variance times ``gain^2`` (the weight of the affine update);
@@ -679,7 +700,11 @@ def poisson_fit(patch: torch.Tensor, ph: torch.Tensor, coef8: torch.Tensor,
     variance factor of that fixed fit - what :func:`pooled_coefficients` needs later."""
     Ds = tpl.design[ph]  # (B,K,P,8)
     mu = (Ds @ coef8[..., None])[..., 0].clamp(min=0) ** 2
-    floor = 1e-3 * coef8[:, :1, 0].clamp(min=0) ** 2 + 1e-12  # (B,1)
+    # each disk's variances floored relative to its own peak (see POISSON_FLOOR)
+    beam = coef8[:, :1, 0].clamp(min=0) ** 2  # (B,1)
+    floor = torch.maximum(POISSON_FLOOR * mu.amax(-1), 1e-6 * beam) + 1e-12  # (B,K)
+    if count is not None:
+        floor = torch.maximum(floor, COUNT_FLOOR * count[:, None])
     DlT = tpl.design_lin[ph]  # (B,K,8,P): stored transposed, so this gather is contiguous
     y = (patch * patch)[..., None]
     eye = torch.eye(8, dtype=torch.float64, device=patch.device)
