@@ -9,11 +9,10 @@ vectors ``g1, g2`` of one pattern, the way an expert would with the basis in han
 2. :func:`index_pattern` rotates the reference basis over one symmetry period (centred on the
    basis, so that every grain within half a period of it is fitted on one symmetry branch)
    to find the rotation that indexes the most disks (grains may be rotated by any angle),
-   then alternates
-   re-indexing and a weighted least-squares fit of ``origin + h g1 + k g2`` over all indexed
-   disks. Fitting the origin jointly with the lattice (as py4DSTEM's ``fit_lattice_vectors``
-   does) makes each position immune to descan without a separate origin calibration, and
-   Friedel pairs cancel any error of the direct-beam position.
+   then alternates re-indexing and a weighted least-squares fit of ``origin + h g1 + k g2``
+   over all indexed disks. Fitting the origin jointly with the lattice (as py4DSTEM's
+   ``fit_lattice_vectors`` does) makes each position immune to descan without a separate
+   origin calibration, and Friedel pairs cancel any error of the direct-beam position.
 """
 
 from __future__ import annotations
