@@ -98,23 +98,25 @@ def ablate(path: Path) -> dict[str, dict]:
     return out
 
 
-#: How to read the table (written from the 2026-11-28 07:07 run; kept with the code that makes
+#: How to read the table (written from the 2026-11-28 12:25 run; kept with the code that makes
 #: it, so ``--write`` keeps it).
 READING = """Reading it: the network's job is registration - which lattice, which grain
 orientation, within a few degrees and ~1 % - and it does that everywhere (no position lost),
-but its own strain error is 2-13e-3, an order of magnitude above the method's. Every digit of
+but its own strain error is 2-12e-3, an order of magnitude above the method's. Every digit of
 precision comes from the Gauss-Newton refinement on exact pixels; the angular polish matters
 only for rotation. Pooling the disk nuisances (background ramp, in-disk gradient) over
 same-grain neighbours is a large gain where disks carry internal contrast (noise-free fringes
-exx 1.13 -> 0.19e-3, abTEM WS2 1.50 -> 0.80e-3) but can cost where soft-edged disks carry
-fringes (hex_detector_background exx 1.61 -> 2.10e-3, while exy improves 1.26 -> 0.79e-3).
+exx 0.81 -> 0.16e-3, abTEM WS2 1.38 -> 0.75e-3) but can cost where soft-edged disks carry
+fringes (hex_detector_background exx 1.63 -> 2.08e-3, while exy improves 1.26 -> 0.79e-3).
 The error floor - disks weighted by noise plus a per-disk floor fitted to the residuals,
 instead of by shot noise alone - gains most where per-disk model errors outweigh the noise of
-the strong disks (square_psf_weak exx 1.87 -> 1.46e-3, eyy 1.69 -> 1.43e-3; noise-free fringes
-eyy 0.39 -> 0.19e-3) and moves the other rows by 0-6 %. At low dose (hex_lowdose_background)
-pooling gains 4-5 % only since stop 18: before, the same-grain test ignored each position's
-own noise, a position pooled ~6 of its 81 neighbours and pooling made that map 12-14 % worse
-than none (docs/benchmarks.md "Pooling at low dose").
+the strong disks (noise-free fringes exx 0.16 -> 0.10e-3, eyy 0.33 -> 0.21e-3) and moves the
+other rows by 0-6 %. On square_psf_weak it gained 22 % before stop 19 and gains 5 % since:
+part of what it did there was to undo the Poisson step's old variance floor, which levelled
+the weights of the weak first-order disks (docs/benchmarks.md "Stop 19"). At low dose
+(hex_lowdose_background) pooling gains 3-6 % only since stop 18: before, the same-grain test
+ignored each position's own noise, a position pooled ~6 of its 81 neighbours and pooling made
+that map 12-14 % worse than none (docs/benchmarks.md "Pooling at low dose").
 
 Could the learned base be the refinement's template for dynamical disks (the issue's
 suggestion)? Measured, no: the base is the encoder's view - 32 x 32 pixels over +-2.6 lattice
