@@ -35,7 +35,7 @@ from common import command_line, machine_info, write_section  # noqa: E402
 from render import draw  # noqa: E402
 from validate import CASES, FOLDER, MAPS  # noqa: E402
 
-from napari_stem_strain.strain import strain_to_A  # noqa: E402
+from napari_stem_strain.strain import SYMMETRY_DEG, strain_to_A  # noqa: E402
 from napari_stem_strain.uncertainty import strain_sigma  # noqa: E402
 
 COMPONENTS = ("exx", "eyy", "exy", "theta")
@@ -78,19 +78,15 @@ def crb_sigma(name: str, n_positions: int = 12, seed: int = 0) -> dict[str, floa
         J = np.stack(cols, 1)
         F = J.T @ (J / np.maximum(lam, 1e-12)[:, None])
         cov = np.linalg.inv(F)[:4, :4]
-        sig = strain_sigma(A, cov, np.eye(2), None, d_sym(case))
+        sig = strain_sigma(A, cov, np.eye(2), None, SYMMETRY_DEG[case.lattice])
         out.append([float(sig[k]) for k in COMPONENTS])
     return dict(zip(COMPONENTS, np.median(np.array(out), 0).tolist(), strict=True))
 
 
-def d_sym(case) -> float:
-    from napari_stem_strain.strain import SYMMETRY_DEG
-
-    return float(SYMMETRY_DEG[case.lattice])
-
-
 def within_grain_sd(name: str, method: str) -> dict[str, float] | None:
     """Within-grain standard deviation of a method's cached validation run (interiors)."""
+    from bench_uncertainty import grain_residuals
+
     from napari_stem_strain.io.ground_truth import read_ground_truth
     from napari_stem_strain.strain import strain_maps, wrap_angle
     from napari_stem_strain.uncertainty import interior_mask
@@ -107,9 +103,8 @@ def within_grain_sd(name: str, method: str) -> dict[str, float] | None:
         e = getattr(maps, k) - getattr(t, k)
         if k == "theta":
             e = wrap_angle(e, t.symmetry_deg)
-        parts = [e[s] - np.nanmean(e[s]) for g in np.unique(t.grains[where])
-                 if (s := where & (t.grains == g) & np.isfinite(e)).sum() > 1]
-        out[k] = float(np.concatenate(parts).std())
+        ok = where & np.isfinite(e)
+        out[k] = float(np.nanstd(grain_residuals(e, t.grains, ok)))
     return out
 
 

@@ -72,12 +72,12 @@ def _ratio(row: dict, k: str) -> float | None:
 
 
 def calibration_figures(name: str, seed: int, method: str) -> dict[str, dict] | None:
-    """Issue 13's calibration (std of z and the share within +-2 sigma, within grains,
-    boundaries excluded) of one seed's run, from the raw ``A`` / ``A_cov`` that
-    ``score_case`` kept; None when the run kept no covariance."""
+    """Issue 13's calibration (``bench_uncertainty.calibrate_maps``: within grains,
+    boundaries excluded) of one seed's run, from the raw ``A`` / ``A_cov`` that ``score_case``
+    kept; None when the run kept no covariance."""
+    from bench_uncertainty import calibrate_maps
+
     from napari_stem_strain.io.ground_truth import read_ground_truth
-    from napari_stem_strain.strain import strain_maps
-    from napari_stem_strain.uncertainty import calibration, interior_mask
 
     stem = seeded(name, seed).name
     raw = MAPS / f"{stem}_{method}.npz"
@@ -87,19 +87,13 @@ def calibration_figures(name: str, seed: int, method: str) -> dict[str, dict] | 
     if "A_cov" not in d:
         return None
     t = read_ground_truth(SEED_DIR / f"{stem}.h5")
-    maps = strain_maps(d["A"], t.reference, float(d["symmetry_deg"]), mask=d["sample"],
-                       A_cov=d["A_cov"])
-    where = interior_mask(t.grains, t.sample, 1)
-    return {k: calibration(getattr(maps, k), maps.sigma[k], getattr(t, k), where,
-                           t.symmetry_deg if k == "theta" else None)
-            for k in (*STRAIN, "theta")}
-
-
-def _calibrated(c: dict) -> bool:
-    return 0.8 <= c["std_z"] <= 1.25 and 0.9 <= c["cover2"] <= 0.98
+    row = calibrate_maps(d["A"], d["A_cov"], d["sample"], float(d["symmetry_deg"]), t)
+    return {k: row[k] for k in (*STRAIN, "theta")}
 
 
 def calibration_report(results: dict) -> str:
+    from bench_uncertainty import meets_targets
+
     lines = ["Error bars (issue 13) on the same runs: std of z / % within 2 sigma per seed "
              "(within grains, boundaries excluded; * misses 0.8-1.25 or 90-98 %), and how many "
              "seeds meet both per component.", "",
@@ -113,9 +107,9 @@ def calibration_report(results: dict) -> str:
                 if cal is None:
                     continue
                 for k, c in cal.items():
-                    met[k].append(_calibrated(c))
+                    met[k].append(meets_targets(c))
                 cells.append(f"{s}: " + "; ".join(
-                    f"{c['std_z']:.2f}/{100 * c['cover2']:.0f}{'' if _calibrated(c) else '*'}"
+                    f"{c['std_z']:.2f}/{100 * c['cover2']:.0f}{'' if meets_targets(c) else '*'}"
                     for c in cal.values()))
             if cells:
                 lines.append(f"| {name} | {label} | " + "<br>".join(cells) + " | "
