@@ -62,3 +62,38 @@ def test_a_weak_disk_keeps_its_poisson_weight() -> None:
     alone = _weak_disk_weight(with_beam=False)
     beside = _weak_disk_weight(with_beam=True)
     assert beside > 0.9 * alone, (beside, alone)
+
+
+def test_shift_variance_of_a_low_count_disk_matches_its_scatter() -> None:
+    """At a few counts per pixel most of a disk's pixels sit under the one-count floor, so
+    the fit's weights are not the counts' inverse variances; the shift variance the Poisson
+    step reports (``1 / weight6``, data in counts) must still be the scatter the shift shows
+    over Poisson draws. ``G^-1`` of the weighted fit alone put it 1.5x too high (a floored
+    pixel is trusted less than its variance allows); the sandwich ``G^-1 D^T W diag(mu) W D
+    G^-1`` with the model's ``mu`` gives it within a few per cent."""
+    rng = np.random.default_rng(1)
+    edge, top, n = 0.6, 2.0, 3000  # soft edge, 2 counts per pixel on the disk's top
+    global EDGE, BEAM
+    saved = EDGE, BEAM
+    EDGE, BEAM = edge, top
+    try:
+        centres = Q / 2 + rng.uniform(0, 1, (40, 2))
+        beams = np.stack([_pattern(c, [(np.zeros(2), 1.0)]) for c in centres])
+        tpl = rf.make_template(as_patterns(beams), torch.tensor(centres, dtype=torch.float32),
+                               R)
+        c = np.array([Q / 2 + 0.3, Q / 2 + 0.4])
+        mu = _pattern(c, [(np.zeros(2), 1.0)])
+    finally:
+        EDGE, BEAM = saved
+    pats = as_patterns(rng.poisson(np.broadcast_to(mu, (n, Q, Q))).astype(np.float32))
+    pos = torch.tensor(np.broadcast_to(c, (n, 1, 2)).copy(), dtype=torch.float32)
+    patch, frac = rf.gather_patches(pats, pos, tpl.offsets)
+    iq = torch.round(frac * rf.PHASES).clamp(-(rf.PHASES // 2), rf.PHASES // 2).long()
+    ph = (iq[..., 0] + rf.PHASES // 2) * (rf.PHASES + 1) + iq[..., 1] + rf.PHASES // 2
+    coef8 = (tpl.pinv[ph] @ patch[..., None])[..., 0]
+    pf = rf.poisson_fit(patch, ph, coef8, tpl, torch.ones(n))  # data in counts: count = 1
+    c6 = pf["coef6"][:, 0].double()
+    shifts = (c6[:, 4:6] / c6[:, :1]).numpy()
+    empirical = float(shifts.var(0).mean())  # per axis; standard error ~2 %
+    predicted = float(np.median(1.0 / pf["weight6"][:, 0].double().numpy()))
+    assert 0.88 < predicted / empirical < 1.12, (predicted, empirical)

@@ -697,7 +697,14 @@ def poisson_fit(patch: torch.Tensor, ph: torch.Tensor, coef8: torch.Tensor,
     ``weight6`` its inverse shift variance times ``gain^2`` (the weight of the affine update);
     ``coef8`` the free 8-column fit, ``cond`` ``(3, 4)``: how gain and shift change when the
     ramp and gradient are fixed (``FIXED4``) instead of fitted, and ``var4`` the shift
-    variance factor of that fixed fit - what :func:`pooled_coefficients` needs later."""
+    variance factor of that fixed fit - what :func:`pooled_coefficients` needs later.
+
+    The variances are the sandwich ``G^-1 D^T W diag(mu) W D G^-1`` (``mu`` from the final fit),
+    not ``G^-1``: where a floor caps a pixel's weight below its inverse variance, ``G^-1``
+    overstates the shift's variance - at a few counts per pixel by 1.5x
+    (tests/test_poisson_weights.py) - and so trusts a faint disk less, relative to the bright
+    ones, than its scatter warrants; the affine fit's covariance assumes relative weights
+    that are right (:func:`affine_covariance`)."""
     Ds = tpl.design[ph]  # (B,K,P,8)
     mu = (Ds @ coef8[..., None])[..., 0].clamp(min=0) ** 2
     # each disk's variances floored relative to its own peak (see POISSON_FLOOR)
@@ -724,8 +731,16 @@ def poisson_fit(patch: torch.Tensor, ph: torch.Tensor, coef8: torch.Tensor,
     fr, fx = FREE4, FIXED4
     Gfi = torch.linalg.inv(G[..., fr, :][..., :, fr])
     M = Gfi @ G[..., fr, :][..., :, fx]  # (B,K,4,4)
-    var6 = 0.5 * (G6i[..., 4, 4] + G6i[..., 5, 5])
-    var4 = 0.5 * (Gfi[..., 2, 2] + Gfi[..., 3, 3])
+    # the coefficients' covariance by the sandwich formula G^-1 (D^T W diag(mu) W D) G^-1:
+    # the counts' variance is the model ``mu`` (Poisson), the weights ``W`` are not its
+    # inverse where a floor capped them, and there G^-1 alone overstates the variance
+    mu = (c8.float()[..., None, :] @ DlT)[..., 0, :].clamp(min=0)
+    DWmu = DWT * mu[..., None, :]
+    V = (DWmu @ DWT.transpose(-1, -2)).double()  # D^T W diag(mu) W D, (B,K,8,8)
+    C6 = G6i @ V[..., :6, :6] @ G6i
+    Cf = Gfi @ V[..., fr, :][..., :, fr] @ Gfi
+    var6 = 0.5 * (C6[..., 4, 4] + C6[..., 5, 5])
+    var4 = 0.5 * (Cf[..., 2, 2] + Cf[..., 3, 3])
     return {"coef6": c6.float(), "weight6": (c6[..., 0] ** 2 / var6.clamp_min(1e-300)).float(),
             "coef8": c8.float(), "cond": M[..., [0, 2, 3], :].float(), "var4": var4.float()}
 
