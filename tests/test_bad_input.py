@@ -369,3 +369,17 @@ def test_pipeline_checks_reference_before_running(tiny_file, monkeypatch):
     assert not ran
     assert_one_line(info.value)
 
+
+
+def test_beam_filling_the_detector_is_named_not_called_missing():
+    """Prismatic's Si100_4D.emd (../shared) holds 8 x 8 px patterns whose direct beam covers
+    the whole detector: the CC-ST-AE said "no direct beam found", which sends a user looking
+    for a missing beam. The message must say that the beam fills the detector."""
+    from napari_stem_strain.methods.ccstae.preprocess import measure_geometry
+
+    y, x = np.mgrid[:8, :8] - 3.5
+    beam = (np.hypot(y, x) < 4.6).astype(np.float32) + 1e-3
+    with pytest.raises(ValueError, match="fills the 8 x 8 px detector"):
+        measure_geometry(np.broadcast_to(beam, (16, 8, 8)).copy())
+    with pytest.raises(ValueError, match="no direct beam"):
+        measure_geometry(np.zeros((16, 8, 8), np.float32))

@@ -163,6 +163,11 @@ def measure_geometry(
     beam = prof[0]
     half = torch.nonzero(prof < 0.5 * beam)
     if len(half) == 0:
+        if float(beam) > 0 and bool(torch.isfinite(beam)):
+            # the profile never falls to half the beam's level: the beam covers the detector
+            # (Prismatic's 8 x 8 px Si100_4D.emd in ../shared), not a missing beam
+            raise ValueError(f"the direct beam fills the {Q0} x {Q1} px detector: the "
+                             "patterns hold no Bragg disk to measure")
         raise ValueError("no direct beam found in the diffraction patterns")
     r = float(rho[int(half[0])])
     sq = torch.sqrt(torch.clamp(prof, min=0)).numpy()
