@@ -19,6 +19,7 @@ the shipped weights first (as ``validation/validate.py``); py4DSTEM runs with it
 defaults. Every case uses its ground truth's reference region.
 
     nice python benchmarks/bench_uncertainty.py run FILE.h5 [FILE.h5 ...] [--methods ae,py4dstem]
+    python benchmarks/bench_uncertainty.py run bench_data/validation/*.h5 --kept  # kept runs
     python benchmarks/bench_uncertainty.py report [--write]   # table from the stored results
 
 Results accumulate in ``bench_data/uncertainty.json`` (one entry per case and method, the
@@ -106,10 +107,36 @@ def calibrate_maps(A: np.ndarray, A_cov: np.ndarray, sample: np.ndarray,
     return row
 
 
-def calibrate_case(path: Path, methods: list[str]) -> dict:
-    """Per method: :func:`calibrate_maps` of its run on ``path``, and the seconds it took."""
+#: Where ``validation/validate.py score`` keeps each run's raw ``A`` / ``A_cov``.
+VALIDATION_MAPS = BENCH_DIR / "validation" / "maps"
+
+
+def _calibrate_kept(path: Path, method: str) -> dict:
+    """:func:`calibrate_maps` of the run ``validate.py score`` kept for this case and method:
+    the same run its MAE came from (the CC-ST-AE's ``fit`` is not repeated)."""
+    from napari_stem_strain.io.ground_truth import read_ground_truth
+
+    kept = VALIDATION_MAPS / f"{path.stem}_{method}.npz"
+    if not kept.exists():
+        return {"failed": f"no kept run {kept} (run validate.py score first)"}
+    z = np.load(kept)
+    if "A_cov" not in z:
+        return {"failed": "the method gave no covariance"}
+    return {"kept_run": str(kept.relative_to(BENCH_DIR)),
+            **calibrate_maps(z["A"], z["A_cov"], z["sample"], float(z["symmetry_deg"]),
+                             read_ground_truth(path))}
+
+
+def calibrate_case(path: Path, methods: list[str], kept: bool = False) -> dict:
+    """Per method: :func:`calibrate_maps` of its run on ``path``, and the seconds it took.
+    ``kept``: calibrate the validation run ``validate.py score`` kept instead of running the
+    method again (:func:`_calibrate_kept`)."""
     out: dict = {}
     for m in methods:
+        if kept:
+            out[m] = _calibrate_kept(path, m)
+            print(path.stem, m, json.dumps(out[m]), flush=True)
+            continue
         t0 = time.perf_counter()
         try:
             sc = _scored(m, path)
@@ -242,12 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("files", nargs="+", type=Path)
     r.add_argument("--methods", default="ae,py4dstem")
+    r.add_argument("--kept", action="store_true",
+                   help="validation files: calibrate the runs validate.py score kept "
+                        "(bench_data/validation/maps) instead of running the methods again")
     rep = sub.add_parser("report")
     rep.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         for f in args.files:
-            res = calibrate_case(f, args.methods.split(","))
+            res = calibrate_case(f, args.methods.split(","), kept=args.kept)
             allres = _load()  # re-read: another run may have added cases meanwhile
             allres.setdefault(f.stem, {}).update(res)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
