@@ -117,6 +117,11 @@ def _calibrate_kept(path: Path, method: str) -> dict:
     from napari_stem_strain.io.ground_truth import read_ground_truth
 
     kept = VALIDATION_MAPS / f"{path.stem}_{method}.npz"
+    scored = VALIDATION_MAPS.parent / "results.json"
+    failed = (json.loads(scored.read_text()).get(path.stem, {}).get(method, {}).get("failed")
+              if scored.exists() else None)
+    if failed:  # the method refused the case in validate.py: that is the result
+        return {"failed": failed}
     if not kept.exists():
         return {"failed": f"no kept run {kept} (run validate.py score first)"}
     z = np.load(kept)
