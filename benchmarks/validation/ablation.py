@@ -104,7 +104,8 @@ READING = """Reading it: the network's job is registration - which lattice, whic
 orientation, within a few degrees and ~1 % - and it does that everywhere (no position lost),
 but its own strain error is 2-12e-3, an order of magnitude above the method's (and it is the
 least reproducible row: `fit` re-run on another CPU moved square_psf_weak's encoder exx / eyy
-from 6.5 / 10.4 to 4.4 / 12.5e-3, while every refined row agreed within 2-3 %). Every digit of
+from 6.5 / 10.4 to 4.4 / 12.5e-3, while the refined rows moved by at most 7 %, this stop's
+sandwich included). Every digit of
 precision comes from the Gauss-Newton refinement on exact pixels; the angular polish matters
 only for rotation. Pooling the disk nuisances (background ramp, in-disk gradient) over
 same-grain neighbours is a large gain where disks carry internal contrast (noise-free fringes
