@@ -44,7 +44,8 @@ def seeded(name: str, seed: int):
     return dataclasses.replace(case, name=f"{name}_seed{seed}", seed=seed)
 
 
-def run(names: list[str], seeds: list[int]) -> dict:
+def run(names: list[str], seeds: list[int], methods: tuple[str, ...] = ("ae", "py4dstem")
+        ) -> dict:
     """Render (cached) and score every case x seed; results merged into ``RESULTS``."""
     SEED_DIR.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -56,10 +57,11 @@ def run(names: list[str], seeds: list[int]) -> dict:
                 t0 = time.perf_counter()
                 render_case(c, SEED_DIR)
                 print(f"rendered {c.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-            row = score_case(path, ["ae", "py4dstem"])
-            # merged into what is on disk now, so that runs of other cases are kept
+            row = score_case(path, methods)
+            # merged into what is on disk now, so that runs of other cases (and of the other
+            # method on this seed) are kept
             results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-            results.setdefault(name, {})[str(s)] = row
+            results.setdefault(name, {}).setdefault(str(s), {}).update(row)
             RESULTS.write_text(json.dumps(results, indent=1))
     return results
 
@@ -156,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[103, 203, 303, 403])
     ap.add_argument("--report", action="store_true", help="only print the cached results")
     ap.add_argument("--write", action="store_true", help="write the table into docs")
+    ap.add_argument("--methods", nargs="+", default=["ae", "py4dstem"],
+                    help="re-run only these (the others' stored results are kept)")
     args = ap.parse_args(argv)
     results = (json.loads(RESULTS.read_text()) if args.report
-               else run(args.cases, args.seeds))
+               else run(args.cases, args.seeds, tuple(args.methods)))
     text = report(results) + "\n\n" + calibration_report(results)
     print(text)
     if args.write:

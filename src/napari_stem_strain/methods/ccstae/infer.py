@@ -45,6 +45,7 @@ from .refine import (
     floored_weights,
     lattice_points,
     make_template,
+    moderate_covariance,
     pooled_coefficients,
     refine,
     shift_error_model,
@@ -633,21 +634,28 @@ class PooledLastStep(BandConsumer):
                                          scatter(res["floor_factor"]), scatter(res["used"]),
                                          A_band, self.halo, A_var)
             wts = floored_weights(torch.where(ok, wts, torch.zeros_like(wts)), s2, tau2)
-        band = slice(r0 - h0, r1 - h0)
-        sel = good[band].reshape(-1)
-        if not bool(sel.any()):
+        # the pooled step over the band and its halo: the halo's residual scales are the
+        # band's edge positions' neighbours (moderated_scale)
+        sel_all = good.reshape(-1)
+        if not bool(sel_all.any()):
             return
-        n = (r1 - r0) * Ry
-        last = last_all[band].reshape(n, 6)[sel]
+        n_all = (h1 - h0) * Ry
+        last = last_all.reshape(n_all, 6)[sel_all]
         cov: dict = {}
-        A_new, _, _ = affine_update(coef[band].reshape(n, K, 6)[sel],
-                                    ok[band].reshape(n, K)[sel],
-                                    dfrac[band].reshape(n, K, 2)[sel],
+        A_new, _, _ = affine_update(coef.reshape(n_all, K, 6)[sel_all],
+                                    ok.reshape(n_all, K)[sel_all],
+                                    dfrac.reshape(n_all, K, 2)[sel_all],
                                     last[:, :4].reshape(-1, 2, 2), last[:, 4:], self.P,
-                                    self.L, self.h, wts[band].reshape(n, K)[sel],
+                                    self.L, self.h, wts.reshape(n_all, K)[sel_all],
                                     cov_out=cov)
-        self.A[r0:r1].reshape(n, 2, 2)[sel.numpy()] = A_new.numpy()
-        self.A_cov[r0:r1].reshape(n, 4, 4)[sel.numpy()] = cov["A_cov"].numpy()
+        A_cov = moderate_covariance(cov, sel_all, (h1 - h0, Ry), A_band, self.halo, A_var)
+        keep = torch.zeros(h1 - h0, Ry, dtype=torch.bool)
+        keep[r0 - h0:r1 - h0] = True
+        keep = keep.reshape(-1)[sel_all]  # of the positions fitted, those in the band
+        sel = sel_all.reshape(h1 - h0, Ry)[r0 - h0:r1 - h0].reshape(-1).numpy()
+        n = (r1 - r0) * Ry
+        self.A[r0:r1].reshape(n, 2, 2)[sel] = A_new[keep].numpy()
+        self.A_cov[r0:r1].reshape(n, 4, 4)[sel] = A_cov[keep].numpy()
 
     def results(self) -> dict[str, np.ndarray]:
         return {"pooled_A": self.A, "pooled_A_cov": self.A_cov}
