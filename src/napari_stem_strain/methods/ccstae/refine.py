@@ -870,7 +870,7 @@ def moderated_scale(s2: torch.Tensor, dof: torch.Tensor, prior: torch.Tensor,
     estimated from the data: how much more ``log(s2 / prior)`` scatters than ``dof`` and
     ``prior_dof`` explain (``trigamma``) is the true scales' own spread; none left means the
     neighbours' scale is the position's (``d0 = prior_dof``). Returns the moderated scale
-    ``(d0 prior + dof s2) / (d0 + dof)`` and its degrees of freedom ``d0 + dof`` (for the
+    ``(d0 s0^2 + dof s2) / (d0 + dof)`` and its degrees of freedom ``d0 + dof`` (for the
     Student-t factor); positions without a usable prior keep ``s2`` and ``dof``. The model:
     ``1 / sigma^2`` gamma-distributed around ``1 / s0^2`` with ``d0`` degrees of freedom,
     ``s0^2`` the neighbours' scale corrected for that spread (their mean scale is
@@ -922,9 +922,13 @@ def moderate_covariance(cov: dict, fitted: torch.Tensor, shape: tuple[int, int],
     mean, count = pool_nuisance(vals, valid.reshape(Rx, Ry, 1).float(), A, radius,
                                 A_var=A_var, with_weight=True)
     total = (mean * count).reshape(Rx * Ry, 2).double()
+    # the neighbours' sums (the pooled sums are float32: a position alone in its grain leaves
+    # a rounding residue, not a prior; a neighbour brings at least 2 degrees of freedom)
     prior_dof = total[:, 1] - dof
-    prior = torch.where(prior_dof > 0, (total[:, 0] - chi2) / prior_dof.clamp_min(1e-30),
+    has = prior_dof > 1.0
+    prior = torch.where(has, (total[:, 0] - chi2) / prior_dof.clamp_min(1.0),
                         torch.full_like(dof, float("nan")))
+    prior_dof = torch.where(has, prior_dof, torch.zeros_like(prior_dof))
     s2 = torch.where(valid, chi2 / dof.clamp_min(1e-30), torch.full_like(dof, float("nan")))
     post, post_dof = moderated_scale(s2[valid], dof[valid], prior[valid],
                                      prior_dof[valid].clamp_min(0))
