@@ -128,6 +128,19 @@ def main() -> int:
                 and meta.get("method") == first:
             viewer.layers.selection.active = layer
     _save(viewer, "gui_maps.png")
+    # the error bars: the first method's sigma exx layer (hidden by default) shown on top
+    from napari_stem_strain._widgets._layers import sigma_layer_name
+
+    shown = [ly for ly in viewer.layers if ly.visible]
+    sigma = viewer.layers[sigma_layer_name(first, "exx")]
+    for ly in shown:
+        ly.visible = ly.name == nav.name
+    sigma.visible = True
+    viewer.layers.selection.active = sigma
+    _save(viewer, "gui_sigma.png")
+    sigma.visible = False
+    for ly in shown:
+        ly.visible = True
     probe_dock.setFloating(True)  # room for the pattern and the numbers
     probe_dock.resize(470, 820)
     _process(0.5)
