@@ -609,21 +609,23 @@ class PooledLastStep(BandConsumer):
                                         fit[..., FIT_COND].unflatten(-1, (3, 4)),
                                         fit[..., FIT_VAR], ok, A_band, self.halo, A_var)
         wts = torch.nan_to_num(wts, nan=0.0, posinf=0.0)
-        last_all = torch.from_numpy(window["last_step"])  # (h1 - h0, Ry, 6)
-        dfrac = fit[..., FIT_DFRAC]
+        # both passes below run over the band and its halo: the halo's residuals are the band's
+        # edge positions' neighbours (the error model's pooling, moderated_scale)
+        sel_all = good.reshape(-1)
+        if not bool(sel_all.any()):
+            return
+        n_all = (h1 - h0) * Ry
+        last = torch.from_numpy(window["last_step"]).reshape(n_all, 6)[sel_all]
+        coef_f = coef.reshape(n_all, K, 6)[sel_all]
+        ok_f = ok.reshape(n_all, K)[sel_all]
+        dfrac_f = fit[..., FIT_DFRAC].reshape(n_all, K, 2)[sel_all]
+        A_last, t_last = last[:, :4].reshape(-1, 2, 2), last[:, 4:]
         if self.error_floor:
-            # a first pass over the band and its halo measures how the disk shifts scatter
-            # (noise plus a per-disk floor, pooled over the grain) and reweights the disks
-            sel_all = good.reshape(-1)
-            if not bool(sel_all.any()):
-                return
-            n_all = (h1 - h0) * Ry
-            la = last_all.reshape(n_all, 6)[sel_all]
+            # a first pass measures how the disk shifts scatter (noise plus a per-disk floor,
+            # pooled over the grain) and reweights the disks
             res: dict = {}
-            affine_update(coef.reshape(n_all, K, 6)[sel_all], ok.reshape(n_all, K)[sel_all],
-                          dfrac.reshape(n_all, K, 2)[sel_all], la[:, :4].reshape(-1, 2, 2),
-                          la[:, 4:], self.P, self.L, self.h, wts.reshape(n_all, K)[sel_all],
-                          resid_out=res)
+            affine_update(coef_f, ok_f, dfrac_f, A_last, t_last, self.P, self.L, self.h,
+                          wts.reshape(n_all, K)[sel_all], resid_out=res)
 
             def scatter(x: torch.Tensor) -> torch.Tensor:
                 full = torch.zeros((n_all, *x.shape[1:]), dtype=x.dtype)
@@ -634,25 +636,15 @@ class PooledLastStep(BandConsumer):
                                          scatter(res["floor_factor"]), scatter(res["used"]),
                                          A_band, self.halo, A_var)
             wts = floored_weights(torch.where(ok, wts, torch.zeros_like(wts)), s2, tau2)
-        # the pooled step over the band and its halo: the halo's residual scales are the
-        # band's edge positions' neighbours (moderated_scale)
-        sel_all = good.reshape(-1)
-        if not bool(sel_all.any()):
-            return
-        n_all = (h1 - h0) * Ry
-        last = last_all.reshape(n_all, 6)[sel_all]
         cov: dict = {}
-        A_new, _, _ = affine_update(coef.reshape(n_all, K, 6)[sel_all],
-                                    ok.reshape(n_all, K)[sel_all],
-                                    dfrac.reshape(n_all, K, 2)[sel_all],
-                                    last[:, :4].reshape(-1, 2, 2), last[:, 4:], self.P,
-                                    self.L, self.h, wts.reshape(n_all, K)[sel_all],
-                                    cov_out=cov)
+        A_new, _, _ = affine_update(coef_f, ok_f, dfrac_f, A_last, t_last, self.P, self.L,
+                                    self.h, wts.reshape(n_all, K)[sel_all], cov_out=cov)
         A_cov = moderate_covariance(cov, sel_all, (h1 - h0, Ry), A_band, self.halo, A_var)
-        keep = torch.zeros(h1 - h0, Ry, dtype=torch.bool)
-        keep[r0 - h0:r1 - h0] = True
-        keep = keep.reshape(-1)[sel_all]  # of the positions fitted, those in the band
-        sel = sel_all.reshape(h1 - h0, Ry)[r0 - h0:r1 - h0].reshape(-1).numpy()
+        band = torch.zeros(h1 - h0, Ry, dtype=torch.bool)
+        band[r0 - h0:r1 - h0] = True
+        band = band.reshape(-1)
+        keep = band[sel_all]  # of the positions fitted, those in the band
+        sel = sel_all[band].numpy()  # of the band's positions, those fitted
         n = (r1 - r0) * Ry
         self.A[r0:r1].reshape(n, 2, 2)[sel] = A_new[keep].numpy()
         self.A_cov[r0:r1].reshape(n, 4, 4)[sel] = A_cov[keep].numpy()

@@ -800,6 +800,12 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
     return A, t, rms
 
 
+def _student_t_factor(dof: torch.Tensor) -> torch.Tensor:
+    """:func:`napari_stem_strain.uncertainty.student_t_variance_factor` in torch:
+    ``dof / (dof - 2)``, 3 below 3 degrees of freedom."""
+    return torch.where(dof >= 3, dof / (dof - 2.0).clamp_min(1.0), torch.full_like(dof, 3.0))
+
+
 def affine_covariance(M: torch.Tensor, chi2: torch.Tensor, n_disks: torch.Tensor, L: float
                       ) -> torch.Tensor:
     """Covariance (B,4,4) of ``A`` from :func:`affine_update`'s weighted disk-shift fit.
@@ -819,9 +825,8 @@ def affine_covariance(M: torch.Tensor, chi2: torch.Tensor, n_disks: torch.Tensor
     dof = 2.0 * n_disks.double() - 6.0
     s2 = torch.where(dof > 0, chi2.double() / dof.clamp_min(1.0),
                      torch.full_like(dof, float("nan")))
-    # the scale is itself estimated from ``dof`` residuals: the Student-t factor of
-    # :func:`napari_stem_strain.uncertainty.student_t_variance_factor`, in torch
-    s2 = s2 * torch.where(dof >= 3, dof / (dof - 2.0).clamp_min(1.0), torch.full_like(dof, 3.0))
+    # the scale is itself estimated from ``dof`` residuals: the Student-t factor
+    s2 = s2 * _student_t_factor(dof)
     C = Minv * (s2 / L ** 2)[:, None, None]
     cov = torch.zeros(C.shape[0], 4, 4, dtype=C.dtype, device=C.device)
     cov[:, :2, :2] = C
@@ -896,11 +901,6 @@ def moderated_scale(s2: torch.Tensor, dof: torch.Tensor, prior: torch.Tensor,
     post = (d0 * s0 + d * s2d) / (d0 + d)
     return (torch.where(ok, post, s2d).to(s2.dtype),
             torch.where(ok, d0 + d, d).to(dof.dtype))
-
-
-def _student_t_factor(dof: torch.Tensor) -> torch.Tensor:
-    """``dof / (dof - 2)``, 3 below 3 degrees of freedom (as :func:`affine_covariance`)."""
-    return torch.where(dof >= 3, dof / (dof - 2.0).clamp_min(1.0), torch.full_like(dof, 3.0))
 
 
 def moderate_covariance(cov: dict, fitted: torch.Tensor, shape: tuple[int, int],
