@@ -370,7 +370,6 @@ def test_pipeline_checks_reference_before_running(tiny_file, monkeypatch):
     assert_one_line(info.value)
 
 
-
 def test_beam_filling_the_detector_is_named_not_called_missing():
     """Prismatic's Si100_4D.emd (../shared) holds 8 x 8 px patterns whose direct beam covers
     the whole detector: the CC-ST-AE said "no direct beam found", which sends a user looking

@@ -22,16 +22,25 @@ BEAM = 1e6  # counts per pixel on the beam's top
 WEAK = 3e-4  # the weak disk's level relative to the beam
 
 
-def _pattern(centre: np.ndarray, disks: list[tuple[np.ndarray, float]]) -> np.ndarray:
-    """Expected counts: pixel-area-integrated disks ``(offset from centre, level)``."""
+def _pattern(centre: np.ndarray, disks: list[tuple[np.ndarray, float]], edge: float = EDGE,
+             beam: float = BEAM) -> np.ndarray:
+    """Expected counts: pixel-area-integrated disks ``(offset from centre, level)``, edge
+    width ``edge`` px, ``beam`` counts per pixel on a level-1 disk's top."""
     img = np.zeros((Q, Q))
     s = (np.arange(SUB) + 0.5) / SUB - 0.5
     x = (np.arange(Q)[:, None] + s[None, :]).reshape(-1)
     for off, level in disks:
         q = centre + off
         d = np.hypot(x[:, None] - q[0], x[None, :] - q[1])
-        img += level * (0.5 * (1 - np.tanh((d - R) / EDGE))).reshape(Q, SUB, Q, SUB).mean((1, 3))
-    return img * BEAM
+        img += level * (0.5 * (1 - np.tanh((d - R) / edge))).reshape(Q, SUB, Q, SUB).mean((1, 3))
+    return img * beam
+
+
+def _phase_index(frac: torch.Tensor) -> torch.Tensor:
+    """The tabulated sub-pixel phase of each disk, as :func:`rf.refine` picks it."""
+    iq = torch.round(frac * rf.PHASES).clamp(-(rf.PHASES // 2), rf.PHASES // 2).long()
+    iq = iq + rf.PHASES // 2
+    return iq[..., 0] * (rf.PHASES + 1) + iq[..., 1]
 
 
 def _weak_disk_weight(with_beam: bool) -> float:
@@ -48,9 +57,7 @@ def _weak_disk_weight(with_beam: bool) -> float:
     pos = np.stack([c, c + off]) if with_beam else (c + off)[None]
     patch, frac = rf.gather_patches(pat, torch.tensor(pos[None], dtype=torch.float32),
                                     tpl.offsets)
-    iq = torch.round(frac * rf.PHASES).clamp(-(rf.PHASES // 2), rf.PHASES // 2).long()
-    iq = iq + rf.PHASES // 2
-    ph = iq[..., 0] * (rf.PHASES + 1) + iq[..., 1]
+    ph = _phase_index(frac)
     coef8 = (tpl.pinv[ph] @ patch[..., None])[..., 0]
     pf = rf.poisson_fit(patch, ph, coef8, tpl, torch.ones(1))
     return float(pf["weight6"][0, -1])
@@ -73,23 +80,15 @@ def test_shift_variance_of_a_low_count_disk_matches_its_scatter() -> None:
     G^-1`` with the model's ``mu`` gives it within a few per cent."""
     rng = np.random.default_rng(1)
     edge, top, n = 0.6, 2.0, 3000  # soft edge, 2 counts per pixel on the disk's top
-    global EDGE, BEAM
-    saved = EDGE, BEAM
-    EDGE, BEAM = edge, top
-    try:
-        centres = Q / 2 + rng.uniform(0, 1, (40, 2))
-        beams = np.stack([_pattern(c, [(np.zeros(2), 1.0)]) for c in centres])
-        tpl = rf.make_template(as_patterns(beams), torch.tensor(centres, dtype=torch.float32),
-                               R)
-        c = np.array([Q / 2 + 0.3, Q / 2 + 0.4])
-        mu = _pattern(c, [(np.zeros(2), 1.0)])
-    finally:
-        EDGE, BEAM = saved
+    centres = Q / 2 + rng.uniform(0, 1, (40, 2))
+    beams = np.stack([_pattern(c, [(np.zeros(2), 1.0)], edge, top) for c in centres])
+    tpl = rf.make_template(as_patterns(beams), torch.tensor(centres, dtype=torch.float32), R)
+    c = np.array([Q / 2 + 0.3, Q / 2 + 0.4])
+    mu = _pattern(c, [(np.zeros(2), 1.0)], edge, top)
     pats = as_patterns(rng.poisson(np.broadcast_to(mu, (n, Q, Q))).astype(np.float32))
     pos = torch.tensor(np.broadcast_to(c, (n, 1, 2)).copy(), dtype=torch.float32)
     patch, frac = rf.gather_patches(pats, pos, tpl.offsets)
-    iq = torch.round(frac * rf.PHASES).clamp(-(rf.PHASES // 2), rf.PHASES // 2).long()
-    ph = (iq[..., 0] + rf.PHASES // 2) * (rf.PHASES + 1) + iq[..., 1] + rf.PHASES // 2
+    ph = _phase_index(frac)
     coef8 = (tpl.pinv[ph] @ patch[..., None])[..., 0]
     pf = rf.poisson_fit(patch, ph, coef8, tpl, torch.ones(n))  # data in counts: count = 1
     c6 = pf["coef6"][:, 0].double()

@@ -19,6 +19,7 @@ from napari_stem_strain.uncertainty import (
     reference_covariance,
     strain_jacobian,
     strain_sigma,
+    student_t_variance_factor,
 )
 
 
@@ -325,8 +326,6 @@ def test_reference_uncertainty_ignores_positions_registered_on_another_symmetry_
     assert np.all(np.diag(got) < 3 * np.diag(clean)), (np.diag(got), np.diag(clean))
 
 
-
-
 def _scale_calibration(s2_true: np.ndarray, dof: int, rng
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Positions in one grain whose estimate errs by ``N(0, s2_true)``, each with its own
@@ -341,9 +340,8 @@ def _scale_calibration(s2_true: np.ndarray, dof: int, rng
     prior = np.mean(s2_true) * rng.chisquare(80 * dof, n) / (80 * dof)
     post, post_dof = moderated_scale(torch.tensor(s2), torch.full((n,), float(dof)),
                                      torch.tensor(prior), torch.full((n,), 80.0 * dof))
-    sig = np.sqrt(s2 * dof / (dof - 2))
-    f = post_dof.numpy()
-    sig_m = np.sqrt(post.numpy() * np.where(f > 2, f / np.maximum(f - 2, 1e-9), 1.0))
+    sig = np.sqrt(s2 * student_t_variance_factor(dof))
+    sig_m = np.sqrt(post.numpy() * student_t_variance_factor(post_dof.numpy()))
     return err / sig, sig, err / sig_m, sig_m
 
 
