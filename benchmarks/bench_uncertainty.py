@@ -107,17 +107,15 @@ def calibrate_maps(A: np.ndarray, A_cov: np.ndarray, sample: np.ndarray,
     return row
 
 
-#: Where ``validation/validate.py score`` keeps each run's raw ``A`` / ``A_cov``.
-VALIDATION_MAPS = BENCH_DIR / "validation" / "maps"
-
-
 def _calibrate_kept(path: Path, method: str) -> dict:
     """:func:`calibrate_maps` of the run ``validate.py score`` kept for this case and method:
     the same run its MAE came from (the CC-ST-AE's ``fit`` is not repeated)."""
+    from validate import FOLDER, MAPS  # where validate.py keeps its results and raw maps
+
     from napari_stem_strain.io.ground_truth import read_ground_truth
 
-    kept = VALIDATION_MAPS / f"{path.stem}_{method}.npz"
-    scored = VALIDATION_MAPS.parent / "results.json"
+    kept = MAPS / f"{path.stem}_{method}.npz"
+    scored = FOLDER / "results.json"
     failed = (json.loads(scored.read_text()).get(path.stem, {}).get(method, {}).get("failed")
               if scored.exists() else None)
     if failed:  # the method refused the case in validate.py: that is the result
