@@ -1,15 +1,16 @@
 """How much of a validation case's score is the luck of its one draw: the same case rendered
 again with other seeds, both methods scored on each as ``validate.py`` scores them.
 
-    nice python benchmarks/validation/seeds.py hex_detector_background square_psf_weak \
-        --seeds 3 103 203 303 403 [--write]
+    nice python benchmarks/validation/seeds.py hex_detector_background square_psf_weak [--write]
+    nice python benchmarks/validation/seeds.py rect_dynamical --seeds 105 205 --methods ae
 
 Each renderer case (``validate.CASES``) is one random draw of its grains' deformations, the
 fringes inside their disks and the shot noise, with 5-6 grains. Per-grain biases and the MAE
 ratio CC-ST-AE / py4DSTEM rest on that one draw; a miss can be a method's systematic
 weakness or a draw that fell on it. Rendering the same *kind* of data with other seeds (no
 other change: same physics, settings and methods) tells which: the per-seed ratios, their
-mean and spread. The case's own seed is one of them when listed. Data are cached in
+mean and spread. Without ``--seeds`` each case runs its own seed and that seed + 100, 200,
+300, 400 (hex_detector_background: 3, 103, ..., 403). Data are cached in
 ``bench_data/validation/seeds/``; ``--write`` puts the table into docs/benchmarks.md
 (section ``seeds``).
 """
@@ -44,13 +45,20 @@ def seeded(name: str, seed: int):
     return dataclasses.replace(case, name=f"{name}_seed{seed}", seed=seed)
 
 
-def run(names: list[str], seeds: list[int], methods: tuple[str, ...] = ("ae", "py4dstem")
-        ) -> dict:
-    """Render (cached) and score every case x seed; results merged into ``RESULTS``."""
+def default_seeds(name: str) -> list[int]:
+    """The case's own seed and four more, 100 apart: the seeds the report's table lists."""
+    own = {c.name: c.seed for c in CASES}[name]
+    return [own + 100 * k for k in range(5)]
+
+
+def run(names: list[str], seeds: list[int] | None,
+        methods: tuple[str, ...] = ("ae", "py4dstem")) -> dict:
+    """Render (cached) and score every case x seed (``None``: :func:`default_seeds`);
+    results merged into ``RESULTS``."""
     SEED_DIR.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name in names:
-        for s in seeds:
+        for s in seeds or default_seeds(name):
             c = seeded(name, s)
             path = SEED_DIR / c.file_name()
             if not path.exists():
@@ -155,7 +163,8 @@ def report(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="*", help="validation case names (renderer cases)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[103, 203, 303, 403])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seeds to run (default: each case's own seed and +100 ... +400)")
     ap.add_argument("--report", action="store_true", help="only print the cached results")
     ap.add_argument("--write", action="store_true", help="write the table into docs")
     ap.add_argument("--methods", nargs="+", default=["ae", "py4dstem"],

@@ -284,8 +284,8 @@ def _fill_tables(tpl: DiskTemplate) -> None:
         device)
 
 
-#: Beam pixels per block when :class:`PixelModel` sums its normal equations (each block's
-#: design is ``(rows x ~100)`` float64: 8 MB at 10 000 rows).
+#: Beam pixels per block when :class:`PixelModel` sums its normal equations (a block holds
+#: its rows' 64 aperture subsamples and ``W x W`` outer products, W ~15-30: ~40-70 MB).
 FIT_CHUNK_ROWS = 10_000
 
 #: Pixel apertures tried by :class:`PixelModel` (fraction of the pixel pitch over which a
@@ -323,13 +323,15 @@ class PixelModel:
         ``(B, P)`` at offsets ``v`` ``(B, P, 2)`` from each beam's centre. None when there
         are too few samples.
 
-        Every pixel counts: the normal equations are summed over blocks of ``chunk`` pixels,
-        so memory stays bounded. An even subset of 40 000 pixels used to be taken ("plenty
-        for ~100 unknowns"), but the model's *derivative* - with which every disk's shift is
-        measured - carries the beams' shot noise, and noise in it shortens each measured
-        shift (errors in variables); fitted to all ~450 sampled beams instead of ~240, the
-        validation case at dose 2e4 (hex_lowdose_background) mapped 1-3 % more precisely and
-        its error bars went from 17 % to 8-10 % short (tests/test_poisson_weights.py)."""
+        Every pixel counts: the normal equations are summed over blocks of ``chunk`` pixels
+        from banded design rows (:meth:`_normal_equations`), so memory stays bounded and the
+        cost grows with the pixels times the band, not times all knots. An even subset of
+        40 000 pixels used to be taken ("plenty for ~100 unknowns"), but the model's
+        *derivative* - with which every disk's shift is measured - carries the beams' shot
+        noise, and noise in it shortens each measured shift (errors in variables). Fitted to
+        all ~450 sampled beams instead of ~240, the validation case at dose 2e4
+        (hex_lowdose_background) mapped 1-3 % more precisely and its error bars went from
+        15-17 % to 7-10 % short (tests/test_poisson_weights.py)."""
         v = v.reshape(-1, 2).double()
         y = (vals.reshape(-1).double()) ** 2
         n = int(np.ceil((h * np.sqrt(2) + 1.5) / step)) + 2
@@ -337,12 +339,7 @@ class PixelModel:
             return None
         best = None
         for ap in APERTURES:
-            G = torch.zeros(n, n, dtype=torch.float64)
-            b = torch.zeros(n, dtype=torch.float64)
-            for i in range(0, len(y), chunk):
-                D = cls._basis(v[i:i + chunk], ap, n, step, cls.sub)
-                G += D.T @ D
-                b += D.T @ y[i:i + chunk]
+            G, b = cls._normal_equations(v, y, ap, n, step, chunk)
             lin = _penalised_lstsq(G, b)
             # residual sum of squares from the normal equations: |y|^2 - 2 c.b + c.G.c
             rss = float(y @ y - 2 * lin @ b + lin @ G @ lin)
@@ -363,16 +360,41 @@ class PixelModel:
 
     @classmethod
     def _basis(cls, v: torch.Tensor, aperture: float, n: int, step: float, sub: int
-               ) -> torch.Tensor:
-        """Design ``(N, n)``: pixel-aperture average of the hat functions at ``v``."""
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Design rows at ``v`` ``(N, 2)`` - the pixel-aperture average of the hat functions -
+        in banded form: ``(rows (N, W), first (N,))``, row ``k``'s nonzero entries being
+        columns ``first[k] .. first[k] + W - 1`` of the full ``(N, n)`` design (a pixel's
+        aperture spans ~1.5 px of radius: ~15 of the ~100-250 hat functions)."""
         u = cls._subsamples(aperture, sub, v)
         rho = torch.linalg.norm(v[:, None, :] + u[None], dim=-1) / step  # (N,S)
         i0 = rho.floor().long().clamp(max=n - 2)
         w = (rho - i0).clamp(0, 1) / u.shape[0]
-        D = torch.zeros(len(v), n, dtype=v.dtype)
-        D.scatter_add_(1, i0, 1 / u.shape[0] - w)
-        D.scatter_add_(1, i0 + 1, w)
-        return D
+        first = i0.amin(1)
+        local = i0 - first[:, None]
+        rows = torch.zeros(len(v), int(local.max()) + 2, dtype=v.dtype)
+        rows.scatter_add_(1, local, 1 / u.shape[0] - w)
+        rows.scatter_add_(1, local + 1, w)
+        return rows, first
+
+    @classmethod
+    def _normal_equations(cls, v: torch.Tensor, y: torch.Tensor, aperture: float, n: int,
+                          step: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``D^T D`` ``(n, n)`` and ``D^T y`` ``(n,)`` of the design over every row, summed
+        block by block from the banded rows (each row adds a ``W x W`` outer product where
+        its band lies: ``N W^2`` operations instead of ``N n^2``)."""
+        pad = 64  # room for the bands of the last columns (W is ~15-30)
+        G = torch.zeros((n + pad) * (n + pad), dtype=torch.float64)
+        b = torch.zeros(n + pad, dtype=torch.float64)
+        for i in range(0, len(y), chunk):
+            rows, first = cls._basis(v[i:i + chunk], aperture, n, step, cls.sub)
+            W = rows.shape[1]
+            if W > pad:
+                raise ValueError(f"a pixel aperture spans {W} profile knots (at most {pad})")
+            j = first[:, None] + torch.arange(W)  # (N, W) the band's columns
+            idx = (j[:, :, None] * (n + pad) + j[:, None, :]).reshape(-1)
+            G.index_add_(0, idx, (rows[:, :, None] * rows[:, None, :]).reshape(-1))
+            b.index_add_(0, j.reshape(-1), (rows * y[i:i + chunk, None]).reshape(-1))
+        return G.reshape(n + pad, n + pad)[:n, :n].contiguous(), b[:n].contiguous()
 
     def evaluate(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pixel-integrated profile and its gradient ``(T, dT/dv0, dT/dv1)`` at ``v``
