@@ -821,7 +821,7 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
         cov_out["A_cov"] = affine_covariance(M.double() + ridge.double(), chi2, (w > 0).sum(1),
                                              L)
         # what the covariance's residual scale rests on (:func:`moderated_scale`)
-        cov_out["chi2"], cov_out["dof"] = chi2, 2.0 * (w > 0).sum(1).to(chi2.dtype) - 6.0
+        cov_out["chi2"], cov_out["dof"] = chi2, residual_dof((w > 0).sum(1)).to(chi2.dtype)
     if resid_out is not None:
         # E|r_k|^2 / 2 = sum_j (I - H)_kj^2 var_j, H = X M^-1 X^T W the fit's hat matrix: with
         # var_j = s2 / w_j + tau2 that is s2 a_k + tau2 b_k, exact whatever the weights
@@ -833,6 +833,14 @@ def affine_update(coef: torch.Tensor, ok: torch.Tensor, dfrac: torch.Tensor, A: 
         resid_out.update(resid=res, noise_factor=(IH2 @ v[..., None])[..., 0].float(),
                          floor_factor=(IH2 @ used[..., None])[..., 0].float(), used=w > 0)
     return A, t, rms
+
+
+def residual_dof(n_disks: torch.Tensor) -> torch.Tensor:
+    """Degrees of freedom (float64) of the affine disk-shift fit's residuals: two coordinates
+    per disk used, less the six parameters of ``A`` and ``t``. One definition for the
+    covariance's own scale (:func:`affine_covariance`) and for the moderation that borrows
+    from neighbours (:func:`moderated_scale`), which must agree on it."""
+    return 2.0 * n_disks.double() - 6.0
 
 
 def _student_t_factor(dof: torch.Tensor) -> torch.Tensor:
@@ -857,7 +865,7 @@ def affine_covariance(M: torch.Tensor, chi2: torch.Tensor, n_disks: torch.Tensor
     than 4 disks were used.
     """
     Minv = torch.linalg.inv(M)[:, :2, :2]
-    dof = 2.0 * n_disks.double() - 6.0
+    dof = residual_dof(n_disks)
     s2 = torch.where(dof > 0, chi2.double() / dof.clamp_min(1.0),
                      torch.full_like(dof, float("nan")))
     # the scale is itself estimated from ``dof`` residuals: the Student-t factor
