@@ -113,9 +113,12 @@ def _run(m: str, path: Path, info: dict, t0: float):
     from napari_stem_strain.methods.ccstae import CCSTAEMethod, fit_model, load_model
     from napari_stem_strain.methods.py4dstem import Py4DSTEMMethod
 
-    if m != "ae":
-        return run_scored(Py4DSTEMMethod(), path)
+    # the reference region goes to both methods, as `stem-strain map --reference` and the
+    # widget give it: py4DSTEM finds its lattice basis on the region's mean pattern, the
+    # CC-ST-AE samples the region for its template and anchors its symmetry branch there
     ref = read_ground_truth(path).reference
+    if m != "ae":
+        return run_scored(Py4DSTEMMethod(reference=ref), path)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "fitted.pt"
         with open_dataset(path) as ds:
@@ -123,7 +126,7 @@ def _run(m: str, path: Path, info: dict, t0: float):
         model = load_model(model_path)
         info["fit_seconds"] = round(time.perf_counter() - t0, 1)
         info["epochs_run"] = model.training.get("epochs_run")
-        return run_scored(CCSTAEMethod(model, device="cpu"), path)
+        return run_scored(CCSTAEMethod(model, device="cpu", reference=ref), path)
 
 
 def score_case(path: Path, methods: list[str]) -> dict:
