@@ -386,7 +386,7 @@ def fit_model(
         raise ValueError(f"epochs must be at least 1, not {epochs}")
     base = load_model(init)
     model = base.copy()
-    sample = sample_patterns(dataset, reference=reference)
+    sample = sample_patterns(dataset)
     check_stop(should_stop)
     # the data's own lattice, from the reference region (or the strongest-diffracting pattern)
     if reference:
