@@ -48,16 +48,19 @@ RESULTS = BENCH_DIR / "uncertainty.json"
 
 def _scored(method: str, path: Path):
     """Run one method on one file by the protocol the module docstring describes."""
+    from napari_stem_strain.io.ground_truth import read_ground_truth
     from napari_stem_strain.methods.ccstae import CCSTAEMethod
     from napari_stem_strain.methods.py4dstem import Py4DSTEMMethod
 
-    if method == "py4dstem":
-        return run_scored(Py4DSTEMMethod(), path)
     if path.parent.name == "validation":
-        from validate import _run  # the validation protocol: `fit`, then map
+        from validate import _run  # the validation protocol (`fit`, then map, for the AE)
 
-        return _run("ae", path, {}, time.perf_counter())
-    return run_scored(CCSTAEMethod("default", device="cpu"), path)
+        return _run(method, path, {}, time.perf_counter())
+    # both methods get the file's reference region, as `stem-strain map --reference` gives it
+    ref = read_ground_truth(path).reference
+    if method == "py4dstem":
+        return run_scored(Py4DSTEMMethod(reference=ref), path)
+    return run_scored(CCSTAEMethod("default", device="cpu", reference=ref), path)
 
 
 def grain_residuals(err: np.ndarray, grains: np.ndarray, ok: np.ndarray) -> np.ndarray:
