@@ -160,6 +160,15 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: Which runs the stored table holds (kept with the code, so ``--write`` keeps it).
+PROTOCOL = """Since stop 22 every method gets the case's reference region, as `stem-strain map
+--reference` gives it (docs/benchmarks.md "Stop 22 ... part 2"). hex_detector_background and
+rect_dynamical were re-run that way (2026-12-07 03:26-03:39 UTC, before the two-clear-disk
+rule, which left both cases' main seeds unchanged). square_psf_weak,
+hex_sharp_fringes_noisefree and hex_sharp_noisefree are stop 21's runs, made without the
+region. On the main seeds, the region changed those cases' validation results by at most 1 %."""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="*", help="validation case names (renderer cases)")
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     results = (json.loads(RESULTS.read_text()) if args.report
                else run(args.cases, args.seeds, tuple(args.methods)))
-    text = report(results) + "\n\n" + calibration_report(results)
+    text = PROTOCOL + "\n\n" + report(results) + "\n\n" + calibration_report(results)
     print(text)
     if args.write:
         write_section("seeds", "## Validation cases over several seeds\n\n" + text)
