@@ -99,27 +99,30 @@ def ablate(path: Path) -> dict[str, dict]:
 
 
 #: How to read the table (written from the 2026-11-28 12:25 run, figures updated from the
-#: 2026-12-07 00:35 run; kept with the code that makes it, so ``--write`` keeps it).
-READING = """Reading it: the network's job is registration - which lattice, which grain
-orientation, within a few degrees and ~1 % - and it does that everywhere (no position lost),
-but its own strain error is 2-12e-3, an order of magnitude above the method's (and it is the
-least reproducible row: square_psf_weak's encoder exx / eyy went 6.5 / 10.4 -> 4.4 / 12.5 ->
-6.4 / 10.1e-3 over the last three re-runs of `fit` - another CPU, then stop 21's template,
-which `fit` uses too - while the refined rows moved by at most 7 %). Every digit of
-precision comes from the Gauss-Newton refinement on exact pixels; the angular polish matters
-only for rotation. Pooling the disk nuisances (background ramp, in-disk gradient) over
-same-grain neighbours is a large gain where disks carry internal contrast (noise-free fringes
-exx 0.81 -> 0.16e-3, abTEM WS2 1.40 -> 0.74e-3) but can cost where soft-edged disks carry
-fringes (hex_detector_background exx 1.64 -> 2.11e-3, while exy improves 1.27 -> 0.78e-3).
-The error floor - disks weighted by noise plus a per-disk floor fitted to the residuals,
-instead of by shot noise alone - gains most where per-disk model errors outweigh the noise of
-the strong disks (noise-free fringes exx 0.16 -> 0.10e-3, eyy 0.33 -> 0.21e-3) and moves the
-other rows by 0-3 %. On square_psf_weak it gained 22 % before stop 19 and gains 0-2 % since:
-part of what it did there was to undo the Poisson step's old variance floor, which levelled
-the weights of the weak first-order disks (docs/benchmarks.md "Stop 19"). At low dose
-(hex_lowdose_background) pooling gains 2-5 % only since stop 18: before, the same-grain test
-ignored each position's own noise, a position pooled ~6 of its 81 neighbours and pooling made
-that map 12-14 % worse than none (docs/benchmarks.md "Pooling at low dose").
+#: 2026-12-07 04:12 run; kept with the code that makes it, so ``--write`` keeps it).
+READING = """Reading it: the network's job is registration - which lattice, which grain orientation,
+within a few degrees and ~1 % - and it does that everywhere (no position lost), but its own
+strain error is 2-12e-3, an order of magnitude above the method's (and it is the least
+reproducible row: square_psf_weak's encoder exx / eyy went 6.5 / 10.4 -> 4.4 / 12.5 -> 6.4 /
+10.1 -> 6.7 / 10.1e-3 over the last four re-runs of `fit` - another CPU, then stop 21's
+template, which `fit` uses too, then stop 22's branch cut - while the refined rows moved by
+at most 7 %, apart from hex_lowdose_background's rotation, which stop 22's two-clear-disk
+rule cut from 0.49 to 0.19 degrees). Every digit of precision comes from the Gauss-Newton
+refinement on exact pixels; the angular polish matters only for rotation. Pooling the disk
+nuisances (background ramp, in-disk gradient) over same-grain neighbours is a large gain
+where disks carry internal contrast (noise-free fringes exx 0.81 -> 0.16e-3, abTEM WS2 1.28
+-> 0.74e-3) but can cost where soft-edged disks carry fringes (hex_detector_background exx
+1.66 -> 2.08e-3, while exy improves 1.23 -> 0.78e-3). The error floor - disks weighted by
+noise plus a per-disk floor fitted to the residuals, instead of by shot noise alone - gains
+most where per-disk model errors outweigh the noise of the strong disks (noise-free fringes
+exx 0.16 -> 0.10e-3, eyy 0.33 -> 0.21e-3) and moves the other rows by 0-6 %
+(hex_detector_background exy 0.78 -> 0.73e-3, the largest). On square_psf_weak it gained 22 %
+before stop 19 and gains 0-3 % since: part of what it did there was to undo the Poisson
+step's old variance floor, which levelled the weights of the weak first-order disks
+(docs/benchmarks.md "Stop 19"). At low dose (hex_lowdose_background) pooling gains 4-6 % only
+since stop 18: before, the same-grain test ignored each position's own noise, a position
+pooled ~6 of its 81 neighbours and pooling made that map 12-14 % worse than none
+(docs/benchmarks.md "Pooling at low dose").
 
 Could the learned base be the refinement's template for dynamical disks (the issue's
 suggestion)? Measured, no: the base is the encoder's view - 32 x 32 pixels over +-2.6 lattice
