@@ -153,13 +153,13 @@ def sample_patterns(dataset: Any, max_patterns: int = 384) -> np.ndarray:
     return np.concatenate(out, 0).astype(np.float32)
 
 
-def region_patterns(dataset: Any, region: str, max_patterns: int = 256) -> np.ndarray:
+def region_patterns(dataset: Any, region: str, max_patterns: int | None = 256) -> np.ndarray:
     """The patterns of a scan region (``"r0:r1,c0:c1"``), at most ``max_patterns`` of them
-    spread evenly over it."""
+    spread evenly over it (``None``: all of them)."""
     rs, cs = parse_region(region)
     Rx = dataset.scan_shape[0]
     pats = dataset.read_rows(*rs.indices(Rx)[:2])[:, cs].reshape(-1, *dataset.pattern_shape)
-    if len(pats) > max_patterns:
+    if max_patterns is not None and len(pats) > max_patterns:
         pats = pats[np.linspace(0, len(pats) - 1, max_patterns).round().astype(int)]
     return np.asarray(pats, np.float32)
 

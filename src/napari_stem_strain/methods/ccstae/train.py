@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from ...device import resolve_device
-from ...strain import parse_region
 from ..base import BlockMethod, Output, ProgressCallback, StopCallback, check_stop
 from .loss import ccstae_loss, disk_mask
 from .model import warp
@@ -374,7 +373,7 @@ def fit_model(
     Progress reports each epoch with the loss; ``should_stop`` cancels between batches of work
     (the checkpoint ``OUT.ckpt`` lets a later call resume).
     """
-    from .infer import Engine, sample_patterns
+    from .infer import Engine, region_patterns, sample_patterns
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -390,10 +389,7 @@ def fit_model(
     check_stop(should_stop)
     # the data's own lattice, from the reference region (or the strongest-diffracting pattern)
     if reference:
-        rs, cs = parse_region(reference)
-        Rx = dataset.scan_shape[0]
-        ref = dataset.read_rows(*rs.indices(Rx)[:2])[:, cs].reshape(-1, *dataset.pattern_shape)
-        probe = _centred_mean(ref)
+        probe = _centred_mean(region_patterns(dataset, reference, max_patterns=None))
     else:
         probe = _strongest(dataset, sample)
     g1, g2, sym = lattice_from_pattern(probe)
