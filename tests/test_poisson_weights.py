@@ -114,13 +114,41 @@ def test_pooled_step_does_not_shrink_a_faint_disks_offset() -> None:
     coef8[..., 4:6] = a[:, None] * delta  # gain x offset (noise-free: the bias alone)
     A = torch.eye(2).expand(n, n, 2, 2).contiguous()  # one grain
     ok = torch.ones(n, n, K, dtype=torch.bool)
-    coef6, w = rf.pooled_coefficients(torch.tensor(coef8, dtype=torch.float32),
-                                      torch.zeros(n, n, K, 3, 4), torch.ones(n, n, K), ok, A,
-                                      radius=4)
+    coef6, w, _ = rf.pooled_coefficients(torch.tensor(coef8, dtype=torch.float32),
+                                         torch.zeros(n, n, K, 3, 4), torch.ones(n, n, K), ok,
+                                         A, radius=4)
     off = (coef6[..., 4:6] / coef6[..., :1]).double().numpy()
     wn = w.double().numpy()[..., None]
     slope = float((wn * off * delta).sum() / (wn * delta * delta).sum())
     assert 0.97 < slope < 1.03, slope
+
+
+def test_a_disk_too_faint_for_any_one_position_is_used_where_the_grain_shows_it() -> None:
+    """At low dose a weak first-order disk may stand only ~2 sigma out in any one pattern:
+    each position's own test (``min_snr``) drops it - and keeps it exactly where noise made
+    it look bright. Its gain pooled over the grain is plain, so the pooled step uses it
+    everywhere, with the small weight its noise gives it; a reflection that is not there
+    (gain zero) stays out, and so does a disk whose patch leaves the detector."""
+    rng = np.random.default_rng(5)
+    n, K = 9, 4
+    true = np.array([60.0, 40.0, 5.0, 0.0])  # strong, strong, faint (2 sigma), absent
+    gains = true + 2.5 * rng.standard_normal((n, n, K))
+    coef8 = np.zeros((n, n, K, 8))
+    coef8[..., 0] = gains
+    ok = torch.tensor(gains > 4 * 2.5)  # each position's own 4-sigma test
+    inside = torch.ones(n, n, K, dtype=torch.bool)
+    inside[:, :2, 1] = False  # disk 1 leaves the detector in two columns of the scan
+    A = torch.eye(2).expand(n, n, 2, 2).contiguous()  # one grain
+    _, w, used = rf.pooled_coefficients(torch.tensor(coef8, dtype=torch.float32),
+                                        torch.zeros(n, n, K, 3, 4), torch.ones(n, n, K), ok, A,
+                                        radius=4, inside=inside)
+    assert float(ok[..., 2].float().mean()) < 0.1  # the own test keeps the faint disk rarely
+    assert bool(used[..., 0].all()) and bool(used[..., 2].all())
+    assert bool((w[..., 2] > 0).all())
+    # its weight is the pooled gain's (gain^2 / var4, var4 = 1 here), not the position's own
+    assert float((w[..., 2].sqrt() - true[2]).abs().max()) < 1.5
+    assert not bool(used[..., 3].any())
+    assert not bool(used[:, :2, 1].any()) and bool(used[:, 2:, 1].all())
 
 
 def test_pixel_model_uses_every_beam_pixel() -> None:

@@ -89,10 +89,11 @@ MIN_DISKS_CLASSIFIED = 2
 REFINE_STEPS = 3
 #: Layout of the floats kept per disk per position for the pooled last step (see
 #: :class:`PooledLastStep`): the free 8-column fit, the 3x4 conditioning, the fixed fit's
-#: shift variance, the 2 sub-pixel offsets, and whether the disk was used.
-FIT_COEF, FIT_COND, FIT_VAR, FIT_DFRAC, FIT_OK = (slice(0, 8), slice(8, 20), 20,
-                                                  slice(21, 23), 23)
-DISK_FIT = 24
+#: shift variance, the 2 sub-pixel offsets, whether the position's own fit found the disk
+#: significant, and whether its patch lies on the detector.
+FIT_COEF, FIT_COND, FIT_VAR, FIT_DFRAC, FIT_OK, FIT_INSIDE = (slice(0, 8), slice(8, 20), 20,
+                                                              slice(21, 23), 23, 24)
+DISK_FIT = 25
 #: A crystal pattern with fewer of the base disks clearly found is registered again from an
 #: exhaustive search (see ``Engine._run``).
 RETRY_FRACTION = 0.5
@@ -309,7 +310,8 @@ class Engine:
             A = self.canonical_branch(A, ex)
         return {"A": A, "prob": prob, "n_disks": n_ok, "rms": rms, "centre": t, "x": x,
                 "disk_fit": torch.cat([ex["coef"], ex["cond"].flatten(-2), ex["var4"][..., None],
-                                       ex["dfrac"], ex["ok"][..., None].float()], -1),
+                                       ex["dfrac"], ex["ok"][..., None].float(),
+                                       ex["inside"][..., None].float()], -1),
                 "A_prev": ex["A_prev"], "t_prev": ex["t_prev"], "A_cov": ex["A_cov"]}
 
     def set_anchor(self, A: torch.Tensor) -> None:
@@ -444,7 +446,7 @@ class CCSTAEMethod(BlockMethod):
         of the raw ``A`` (row-major 4x4, from the last Gauss-Newton step's weighted disk fit;
         it becomes :attr:`MethodResult.A_cov`) and - when the last step is pooled (see
         :meth:`finish`) - per position what redoing that step needs: per disk [8
-        coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok] (``DISK_FIT``
+        coefficients, 3x4 conditioning, variance, 2 sub-pixel offsets, ok, inside] (``DISK_FIT``
         floats), and [A (4), t (2)] before the last step. These two are scratch declared
         ``window=True``: the runner streams them, band by band, to :class:`PooledLastStep`
         and never holds them for the whole scan (~1.8 kB per position)."""
@@ -633,13 +635,16 @@ class PooledLastStep(BandConsumer):
         fit = torch.from_numpy(disk_fit)
         good = torch.from_numpy(np.isfinite(A_all[h0:h1]).all(axis=(2, 3)))
         ok = (fit[..., FIT_OK] > 0.5) & good[..., None]
+        inside = (fit[..., FIT_INSIDE] > 0.5) & good[..., None]
         A_band = torch.from_numpy(A_all[h0:h1]).float()
         # how far each unpooled A scatters decides how far apart the same grain may look
         A_var = torch.from_numpy(np.trace(assembled["A_cov"][h0:h1], axis1=-2, axis2=-1)
                                  .astype(np.float32))
-        coef, wts = pooled_coefficients(fit[..., FIT_COEF],
-                                        fit[..., FIT_COND].unflatten(-1, (3, 4)),
-                                        fit[..., FIT_VAR], ok, A_band, self.halo, A_var)
+        # the disks used from here on: those the grain's pooled gain finds significant
+        coef, wts, ok = pooled_coefficients(fit[..., FIT_COEF],
+                                            fit[..., FIT_COND].unflatten(-1, (3, 4)),
+                                            fit[..., FIT_VAR], ok, A_band, self.halo, A_var,
+                                            inside=inside)
         wts = torch.nan_to_num(wts, nan=0.0, posinf=0.0)
         # both passes below run over the band and its halo: the halo's residuals are the band's
         # edge positions' neighbours (the error model's pooling, moderated_scale)
