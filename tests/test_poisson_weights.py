@@ -151,6 +151,34 @@ def test_a_disk_too_faint_for_any_one_position_is_used_where_the_grain_shows_it(
     assert not bool(used[:, :2, 1].any()) and bool(used[:, 2:, 1].all())
 
 
+def test_a_faint_disks_in_disk_gradient_is_pooled_where_no_position_finds_the_disk() -> None:
+    """The pooled step fixes each disk's in-disk gradient to its neighbours' mean and moves
+    the shift by what that changes (``cond``). A disk used for its pooled gain alone - no
+    position finds it on its own - must have its gradient pooled too: left at zero, the
+    gradient reads as a shift. And over noisy gains the pooled gradient must not be shrunk
+    (a gain-squared-weighted mean of ``c / g`` is, by ``E[g]^2 / E[g^2]``)."""
+    rng = np.random.default_rng(11)
+    n, K = 9, 2
+    a = np.array([60.0, 5.0])  # true gains: a strong disk and one at 2 sigma per position
+    grad = np.array([0.3, -0.2])  # true in-disk gradient coefficient per unit gain (row x)
+    delta = 0.15  # every disk sits 0.15 px from its predicted position (row x)
+    coef8 = np.zeros((n, n, K, 8))
+    coef8[..., 0] = a + 2.5 * rng.standard_normal((n, n, K))
+    coef8[..., 6] = a * grad  # the free fit measured the gradient (noise-free here) ...
+    coef8[..., 4] = a * delta  # ... and so the shift, with the gradient fitted
+    cond = torch.zeros(n, n, K, 3, 4)
+    cond[..., 1, 2] = 1.0  # fixing the gradient to v moves the shift coefficient by c - v
+    ok = torch.tensor(coef8[..., 0] > 10.0)
+    inside = torch.ones(n, n, K, dtype=torch.bool)
+    A = torch.eye(2).expand(n, n, 2, 2).contiguous()
+    coef6, _, used = rf.pooled_coefficients(torch.tensor(coef8, dtype=torch.float32), cond,
+                                            torch.ones(n, n, K), ok, A, radius=4,
+                                            inside=inside)
+    assert float(ok[..., 1].float().mean()) < 0.1 and bool(used[..., 1].all())
+    off = (coef6[..., 4] / coef6[..., 0]).double().numpy()  # measured offsets (px)
+    assert np.abs(off - delta).max() < 0.02, np.abs(off - delta).max()
+
+
 def test_pixel_model_uses_every_beam_pixel() -> None:
     """The Poisson step's disk model (:class:`rf.PixelModel`) is fitted to the sampled direct
     beams' pixels; its noise enters every disk's shift (errors in variables: the noise in the
