@@ -119,10 +119,12 @@ exx 0.16 -> 0.10e-3, eyy 0.33 -> 0.21e-3) and moves the other rows by 0-6 %
 (hex_detector_background exy 0.78 -> 0.73e-3, the largest). On square_psf_weak it gained 22 %
 before stop 19 and gains 0-3 % since: part of what it did there was to undo the Poisson
 step's old variance floor, which levelled the weights of the weak first-order disks
-(docs/benchmarks.md "Stop 19"). At low dose (hex_lowdose_background) pooling gains 4-6 % only
-since stop 18: before, the same-grain test ignored each position's own noise, a position
-pooled ~6 of its 81 neighbours and pooling made that map 12-14 % worse than none
-(docs/benchmarks.md "Pooling at low dose").
+(docs/benchmarks.md "Stop 19"). At low dose (hex_lowdose_background) pooling gains 13-18 %
+since stop 23, when the pooled step began to measure every disk the grain shows rather than
+only those each pattern finds on its own (4-6 % before; docs/benchmarks.md "Stop 23"); before
+stop 18 the same-grain test ignored each position's own noise, a position pooled ~6 of its 81
+neighbours and pooling made that map 12-14 % worse than none (docs/benchmarks.md "Pooling at
+low dose").
 
 Could the learned base be the refinement's template for dynamical disks (the issue's
 suggestion)? Measured, no: the base is the encoder's view - 32 x 32 pixels over +-2.6 lattice
