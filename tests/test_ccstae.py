@@ -527,6 +527,40 @@ def test_two_clear_disks_make_a_crystal_position_when_the_classifier_agrees(fitt
     assert not res.sample[:, 7].any()  # vacuum: no clear disk, classifier or not
 
 
+def test_two_clear_disks_make_a_crystal_position_inside_the_users_sample_mask(fitted, scan,
+                                                                              monkeypatch):
+    """A user's sample mask takes the classifier's place: inside it, two clear disks and the
+    beam are lattice enough, as where the classifier says crystal (they used to need three,
+    so a low-dose pattern the user had marked as sample came back unfitted). Outside it
+    nothing is fitted, however many disks stand out."""
+    from napari_stem_strain.methods.ccstae.model import CCSTAE
+
+    data = scan[0].copy()
+    rng = np.random.default_rng(9)
+    centre = np.array([32.0, 32.0]) + 1.5 * np.array([np.sin(2 / 3), np.cos(1 / 4)])
+    full = render(np.eye(2), centre)
+    beam = render(None, centre)
+    ii, jj = np.mgrid[0:64, 0:64]
+    keep = np.zeros((64, 64), bool)
+    for g in (12.0 * HEX[0], 12.0 * HEX[1]):
+        keep |= np.hypot(ii - centre[0] - g[0], jj - centre[1] - g[1]) < 5
+    data[2, 1] = rng.poisson((beam + np.where(keep, full - beam, 0.0)) * 4e4) / 4e4
+    predict = CCSTAE.predict
+
+    def doubtful(self, x):  # the classifier calls everything vacuum: the mask decides
+        A, prob = predict(self, x)
+        return A, torch.full_like(prob, 0.1)
+
+    monkeypatch.setattr(CCSTAE, "predict", doubtful)
+    mask = np.ones(data.shape[:2], bool)
+    mask[:, 7] = False
+    mask[5, 2] = False  # a crystal position the user left out
+    res = run_method(CCSTAEMethod(fitted, device="cpu", sample_mask=mask), Dataset(data=data))
+    assert res.sample[2, 1] and np.isfinite(res.A[2, 1]).all()
+    np.testing.assert_allclose(res.A[2, 1], res.A[3, 1], atol=0.02)  # as its neighbour's
+    assert not np.isfinite(res.A[5, 2]).any() and not res.sample[5, 2]
+
+
 def test_the_reference_region_does_not_change_the_map(fitted, scan):
     """Giving the reference region only fixes where strain is measured from: the mapped ``A``
     must be the same with it and without it. Its patterns used to be added to the sample the

@@ -81,8 +81,8 @@ TEMPLATE_PASSES = 3
 #: Fewest significant diffracted disks for a lattice fit (and for a crystal position).
 MIN_DISKS = 3
 #: Fewest significant diffracted disks for a crystal position when the classifier also calls
-#: it crystal: two disks and the beam determine ``A``, and the classifier is evidence of its
-#: own (see ``CCSTAEMethod.process_block``).
+#: it crystal, or the user's sample mask says so: two disks and the beam determine ``A``, and
+#: the classifier (or the user) is evidence of its own (see ``CCSTAEMethod.process_block``).
 MIN_DISKS_CLASSIFIED = 2
 #: Gauss-Newton steps of the refinement (the first on interpolated patches, see
 #: :func:`.refine.refine`).
@@ -540,7 +540,10 @@ class CCSTAEMethod(BlockMethod):
                 last = torch.cat([out["A_prev"].reshape(-1, 4), out["t_prev"]], -1)
                 last_step[rows] = last.cpu().numpy()
         if sample_mask is not None:
+            # the user's mask takes the classifier's place: inside it two clear disks are
+            # lattice enough, as where the classifier says crystal (below)
             sample = np.asarray(sample_mask, bool).reshape(-1)
+            ok = ok | (sample & (n_found >= MIN_DISKS_CLASSIFIED))
         else:
             # crystal = the lattice was found (a pattern in which not even MIN_DISKS disks stand
             # out of the noise holds no measurable lattice) AND the classifier says so - unless
