@@ -97,7 +97,9 @@ DISK_FIT = 25
 #: A crystal pattern with fewer of the base disks clearly found is registered again from an
 #: exhaustive search (see ``Engine._run``).
 RETRY_FRACTION = 0.5
-#: Share of the base disks whose clear detection marks a crystal whatever the classifier says.
+#: Share of the base disks whose clear detection marks a crystal whatever the classifier says
+#: (with the classifier's vote between 0 and one half, the disks needed fall linearly from this
+#: share to :data:`MIN_DISKS`).
 STRONG_FRACTION = 0.6
 
 
@@ -553,9 +555,14 @@ class CCSTAEMethod(BlockMethod):
             # hex_lowdose_background, classifier 0.64-0.98), and their fit, which also uses the
             # weaker disks, is as good as their neighbours'; refused, each one cost the rotation
             # MAE as much as the largest rotation in the map
-            strong = n_found >= STRONG_FRACTION * (self.engine.P.shape[0] - 1)
+            # Below one half the disks needed rise smoothly from MIN_DISKS (a vote just under
+            # one half) to the strong fraction (the classifier sure of vacuum): a cliff there
+            # refused crystal patterns with 4-6 clear disks whose vote wavered at 0.44-0.48 (a
+            # seed of hex_lowdose_background, 9 of 1100 positions), while vacuum shows none
+            n_strong = STRONG_FRACTION * (self.engine.P.shape[0] - 1)
+            need = MIN_DISKS + (n_strong - MIN_DISKS) * np.clip(1.0 - 2.0 * prob, 0.0, 1.0)
             ok = ok | ((prob > 0.5) & (n_found >= MIN_DISKS_CLASSIFIED))
-            sample = ok & ((prob > 0.5) | strong)
+            sample = ok & ((prob > 0.5) | (n_found >= need))
         A[~(sample & ok)] = np.nan
         rows_out = {"A": A.reshape(n, Ry, 2, 2), "sample": sample.reshape(n, Ry),
                     "class_prob": prob.reshape(n, Ry), "A_cov": A_cov.reshape(n, Ry, 4, 4)}
