@@ -600,6 +600,33 @@ def test_clear_disks_outweigh_a_classifier_just_below_one_half(fitted, scan, mon
     assert not res.sample[:, 7].any()
 
 
+def test_significant_disks_make_a_crystal_position_when_none_is_clear(fitted, scan,
+                                                                       monkeypatch):
+    """At low dose a grain's patterns may show one disk at 6 sigma ("clear") and several more
+    at the fit's own 4 sigma, with the classifier's vote near one half (a seed of
+    hex_lowdose_background: 38 of 1100 crystal positions refused). The disks that count
+    towards a crystal are counted at the fit's significance too. Here no disk is clear at
+    all (the clear level raised out of reach): the crystal positions, all of whose disks are
+    significant, stay crystal at a vote of 0.45; the vacuum column, with none, stays vacuum."""
+    import functools
+
+    from napari_stem_strain.methods.ccstae import infer
+    from napari_stem_strain.methods.ccstae.model import CCSTAE
+
+    predict = CCSTAE.predict
+
+    def wavering(self, x):
+        A, prob = predict(self, x)
+        return A, torch.full_like(prob, 0.45)
+
+    monkeypatch.setattr(CCSTAE, "predict", wavering)
+    monkeypatch.setattr(infer, "refine", functools.partial(infer.refine, count_snr=1e9))
+    data = scan[0]
+    res = run_method(CCSTAEMethod(fitted, device="cpu"), Dataset(data=data))
+    assert res.sample[:, :6].all() and np.isfinite(res.A[:, :6]).all()
+    assert not res.sample[:, 7].any()
+
+
 def test_the_reference_region_does_not_change_the_map(fitted, scan):
     """Giving the reference region only fixes where strain is measured from: the mapped ``A``
     must be the same with it and without it. Its patterns used to be added to the sample the

@@ -673,6 +673,7 @@ def refine(
         # simulator's amorphous rings up to w = 0.7, the validation cases' detector-centred
         # Lorentzians, abTEM's amorphous carbon) made a false crystal at either level
         n_ok = (ok & (snr > count_snr))[:, 1:].sum(1)
+        n_sig = ok[:, 1:].sum(1)
         wts = None
         if not coarse and step == max(1, steps) - 1 and tpl.design_lin is not None:
             # the last step: Poisson-weighted fit of the counts themselves (the square-root fit
@@ -696,8 +697,11 @@ def refine(
             A_new = torch.where(lost[:, None, None], A, A_new)
             t_new = torch.where(lost[:, None], t, t_new)
             n_ok = torch.where(lost, torch.zeros_like(n_ok), n_ok)
+            n_sig = torch.where(lost, torch.zeros_like(n_sig), n_sig)
             rms = torch.where(lost, torch.full_like(rms, float("inf")), rms)
         A, t = A_new, t_new
+    if extra is not None:
+        extra["n_sig"] = n_sig
     return A, t, n_ok, rms
 
 
