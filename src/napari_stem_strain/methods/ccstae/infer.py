@@ -545,8 +545,8 @@ class CCSTAEMethod(BlockMethod):
                 last = torch.cat([out["A_prev"].reshape(-1, 4), out["t_prev"]], -1)
                 last_step[rows] = last.cpu().numpy()
         if sample_mask is not None:
-            # the user's mask takes the classifier's place: inside it two clear disks are
-            # lattice enough, as where the classifier says crystal (below)
+            # the user's mask takes the classifier's place: inside it two clear disks (or
+            # three significant ones) are lattice enough, as where the classifier says crystal
             sample = np.asarray(sample_mask, bool).reshape(-1)
             ok = ok | (sample & ((n_found >= MIN_DISKS_CLASSIFIED) | (n_sig >= MIN_DISKS)))
         else:

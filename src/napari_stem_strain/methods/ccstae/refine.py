@@ -1167,7 +1167,7 @@ def pooled_coefficients(coef8: torch.Tensor, cond: torch.Tensor, var4: torch.Ten
     in every one, with the small weight its noise gives it; the per-position test dropped
     it at exactly the positions where noise made it look faint (validation
     hex_lowdose_background - first-order disks of 1-2 counts per pixel on a background of
-    2 - strain MAE -8 to -13 %). A position with no same-grain neighbour keeps its own
+    2 - strain MAE -7 to -12 %). A position with no same-grain neighbour keeps its own
     test.
 
     The ramp and the in-disk gradient's coefficients are plain means over the same
