@@ -7,8 +7,9 @@ itself.
 
 Variants (each the case's own seed, so the same grains, fringes and background):
 ``noisefree`` (no shot noise), ``nofringe_noisefree`` (flat disks), ``nobackground_noisefree``,
-``nobackground`` (shot noise kept). Per grain it prints the mean error and the standard
-deviation of exx, eyy, exy (1e-3), relative to the case's reference region, and the MAE.
+and, shot noise kept, ``nobackground`` and ``nofringe``. Per grain it prints the mean error and
+the standard deviation of exx, eyy, exy (1e-3), relative to the case's reference region, and
+the MAE.
 Renders are cached in ``bench_data/validation/variants/``.
 
 Why: a per-grain bias that the shot noise does not explain is systematic - the noise-free
@@ -42,6 +43,7 @@ VARIANTS = {
     "nofringe_noisefree": {"dose": None, "fringe": 0.0},
     "nobackground_noisefree": {"dose": None, "background": 0.0},
     "nobackground": {"background": 0.0},
+    "nofringe": {"fringe": 0.0},
 }
 OUT = FOLDER / "variants"
 
