@@ -41,6 +41,8 @@ from common import (  # noqa: E402
     write_section,
 )
 
+from napari_stem_strain.io.ground_truth import read_ground_truth  # noqa: E402
+
 UNSEEN = {"lattice": "square", "pattern": 96, "disk_radius": 3.0}
 UNSEEN_NOISE = 0.3
 
@@ -56,7 +58,9 @@ def accuracy(noise: list[float], baseline: bool, scan: int = 64) -> tuple[str, d
     rows, raw = [], {}
     for w in noise:
         path = get_benchmark_file(w, scan=scan)
-        ae = run_scored(CCSTAEMethod("default", device="cpu"), path)
+        # the reference region goes to both methods, as `stem-strain map --reference` gives it
+        ref = read_ground_truth(path).reference
+        ae = run_scored(CCSTAEMethod("default", device="cpu", reference=ref), path)
         raw[w] = {"ae": ae.table, "ae_pps": ae.patterns_per_second}
         rows.append([f"{w:g}", "CC-ST-AE (shipped)"] + _fmt(ae.table)
                     + [f"{ae.patterns_per_second:.0f}"])
@@ -64,7 +68,7 @@ def accuracy(noise: list[float], baseline: bool, scan: int = 64) -> tuple[str, d
         if baseline:
             from napari_stem_strain.methods.py4dstem import Py4DSTEMMethod
 
-            p4 = run_scored(Py4DSTEMMethod(), path)
+            p4 = run_scored(Py4DSTEMMethod(reference=ref), path)
             raw[w]["py4dstem"] = p4.table
             raw[w]["py4dstem_pps"] = p4.patterns_per_second
             rows.append([f"{w:g}", "py4DSTEM"] + _fmt(p4.table)
@@ -85,17 +89,19 @@ def unseen(baseline: bool, scan: int = 64) -> tuple[str, dict]:
     from napari_stem_strain.methods.ccstae import CCSTAEMethod, fit_model
 
     path = get_benchmark_file(UNSEEN_NOISE, scan=scan, **UNSEEN)
+    ref = read_ground_truth(path).reference
     with tempfile.TemporaryDirectory() as tmp, open_dataset(path) as ds:
         t0 = time.perf_counter()
-        model = fit_model(ds, init="default", out=Path(tmp) / "fit.pt", device="cpu")
+        model = fit_model(ds, init="default", out=Path(tmp) / "fit.pt", device="cpu",
+                          reference=ref)
         fit_s = time.perf_counter() - t0
-        ae = run_scored(CCSTAEMethod(model, device="cpu"), path)
+        ae = run_scored(CCSTAEMethod(model, device="cpu", reference=ref), path)
     rows = [["CC-ST-AE (fit from shipped)"] + _fmt(ae.table)]
     raw = {"ae": ae.table, "fit_seconds": fit_s}
     if baseline:
         from napari_stem_strain.methods.py4dstem import Py4DSTEMMethod
 
-        p4 = run_scored(Py4DSTEMMethod(), path)
+        p4 = run_scored(Py4DSTEMMethod(reference=ref), path)
         raw["py4dstem"] = p4.table
         rows.append(["py4DSTEM"] + _fmt(p4.table))
     print(rows, f"fit {fit_s:.0f} s", flush=True)
