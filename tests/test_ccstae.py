@@ -494,6 +494,35 @@ def test_positions_registered_on_another_symmetry_branch_are_mapped_on_one(fitte
                                atol=1e-3 * float(np.nanmax(np.abs(base.A_cov))))
 
 
+FIRST_ORDER = (12.0 * HEX[0], 12.0 * HEX[1])  # two first-order disk offsets (px)
+
+
+def _pattern_with_disks(offsets, rng: np.random.Generator) -> np.ndarray:
+    """A crystal pattern (beam off-centre, as ``render``) at 4e4 counts that shows only the
+    disks at ``offsets`` (px from the beam): a low-dose pattern with few disks standing out."""
+    centre = np.array([32.0, 32.0]) + 1.5 * np.array([np.sin(2 / 3), np.cos(1 / 4)])
+    full = render(np.eye(2), centre)
+    beam = render(None, centre)
+    ii, jj = np.mgrid[0:64, 0:64]
+    keep = np.zeros((64, 64), bool)
+    for g in offsets:
+        keep |= np.hypot(ii - centre[0] - g[0], jj - centre[1] - g[1]) < 5
+    return rng.poisson((beam + np.where(keep, full - beam, 0.0)) * 4e4) / 4e4
+
+
+def _classifier_votes(monkeypatch, vote: float) -> None:
+    """Make the classifier return ``vote`` for every pattern (the registration unchanged)."""
+    from napari_stem_strain.methods.ccstae.model import CCSTAE
+
+    predict = CCSTAE.predict
+
+    def fixed(self, x):
+        A, prob = predict(self, x)
+        return A, torch.full_like(prob, vote)
+
+    monkeypatch.setattr(CCSTAE, "predict", fixed)
+
+
 def test_two_clear_disks_make_a_crystal_position_when_the_classifier_agrees(fitted, scan,
                                                                             monkeypatch):
     """At low dose some crystal patterns show only two disks clearly (validation case
@@ -501,26 +530,9 @@ def test_two_clear_disks_make_a_crystal_position_when_the_classifier_agrees(fitt
     vacuum cost the rotation MAE the largest rotation in the map per position. Two disks and
     the beam determine ``A`` - when the classifier also says crystal, that is a crystal
     position. A pattern without any clear disk stays vacuum whatever the classifier says."""
-    from napari_stem_strain.methods.ccstae.model import CCSTAE
-
     data = scan[0].copy()
-    rng = np.random.default_rng(9)
-    centre = np.array([32.0, 32.0]) + 1.5 * np.array([np.sin(2 / 3), np.cos(1 / 4)])
-    full = render(np.eye(2), centre)
-    beam = render(None, centre)
-    ii, jj = np.mgrid[0:64, 0:64]
-    keep = np.zeros((64, 64), bool)
-    for g in (12.0 * HEX[0], 12.0 * HEX[1]):
-        keep |= np.hypot(ii - centre[0] - g[0], jj - centre[1] - g[1]) < 5
-    two = beam + np.where(keep, full - beam, 0.0)
-    data[2, 1] = rng.poisson(two * 4e4) / 4e4
-    predict = CCSTAE.predict
-
-    def confident(self, x):
-        A, prob = predict(self, x)
-        return A, torch.full_like(prob, 0.9)
-
-    monkeypatch.setattr(CCSTAE, "predict", confident)
+    data[2, 1] = _pattern_with_disks(FIRST_ORDER, np.random.default_rng(9))
+    _classifier_votes(monkeypatch, 0.9)
     res = run_method(CCSTAEMethod(fitted, device="cpu"), Dataset(data=data))
     assert res.sample[2, 1] and np.isfinite(res.A[2, 1]).all()
     np.testing.assert_allclose(res.A[2, 1], res.A[3, 1], atol=0.02)  # as its neighbour's
@@ -533,25 +545,9 @@ def test_two_clear_disks_make_a_crystal_position_inside_the_users_sample_mask(fi
     beam are lattice enough, as where the classifier says crystal (they used to need three,
     so a low-dose pattern the user had marked as sample came back unfitted). Outside it
     nothing is fitted, however many disks stand out."""
-    from napari_stem_strain.methods.ccstae.model import CCSTAE
-
     data = scan[0].copy()
-    rng = np.random.default_rng(9)
-    centre = np.array([32.0, 32.0]) + 1.5 * np.array([np.sin(2 / 3), np.cos(1 / 4)])
-    full = render(np.eye(2), centre)
-    beam = render(None, centre)
-    ii, jj = np.mgrid[0:64, 0:64]
-    keep = np.zeros((64, 64), bool)
-    for g in (12.0 * HEX[0], 12.0 * HEX[1]):
-        keep |= np.hypot(ii - centre[0] - g[0], jj - centre[1] - g[1]) < 5
-    data[2, 1] = rng.poisson((beam + np.where(keep, full - beam, 0.0)) * 4e4) / 4e4
-    predict = CCSTAE.predict
-
-    def doubtful(self, x):  # the classifier calls everything vacuum: the mask decides
-        A, prob = predict(self, x)
-        return A, torch.full_like(prob, 0.1)
-
-    monkeypatch.setattr(CCSTAE, "predict", doubtful)
+    data[2, 1] = _pattern_with_disks(FIRST_ORDER, np.random.default_rng(9))
+    _classifier_votes(monkeypatch, 0.1)  # everything vacuum by the vote: the mask decides
     mask = np.ones(data.shape[:2], bool)
     mask[:, 7] = False
     mask[5, 2] = False  # a crystal position the user left out
@@ -568,31 +564,12 @@ def test_clear_disks_outweigh_a_classifier_just_below_one_half(fitted, scan, mon
     map). Below one half the disks needed used to jump from two to most of the base's; they
     now rise smoothly from three as the classifier's vote falls. Two disks at 0.45 are still
     not enough, nor is a vacuum pattern crystal whatever the vote."""
-    from napari_stem_strain.methods.ccstae.model import CCSTAE
-
     data = scan[0].copy()
     rng = np.random.default_rng(4)
-    centre = np.array([32.0, 32.0]) + 1.5 * np.array([np.sin(2 / 3), np.cos(1 / 4)])
-    full = render(np.eye(2), centre)
-    beam = render(None, centre)
-    ii, jj = np.mgrid[0:64, 0:64]
-
-    def with_disks(gs) -> np.ndarray:
-        keep = np.zeros((64, 64), bool)
-        for g in gs:
-            keep |= np.hypot(ii - centre[0] - g[0], jj - centre[1] - g[1]) < 5
-        return rng.poisson((beam + np.where(keep, full - beam, 0.0)) * 4e4) / 4e4
-
-    a, b = 12.0 * HEX[0], 12.0 * HEX[1]
-    data[2, 1] = with_disks([a, b, -a, -b, a - b, b - a])  # the first-order ring
-    data[4, 1] = with_disks([a, b])
-    predict = CCSTAE.predict
-
-    def wavering(self, x):
-        A, prob = predict(self, x)
-        return A, torch.full_like(prob, 0.45)
-
-    monkeypatch.setattr(CCSTAE, "predict", wavering)
+    a, b = FIRST_ORDER
+    data[2, 1] = _pattern_with_disks([a, b, -a, -b, a - b, b - a], rng)  # first-order ring
+    data[4, 1] = _pattern_with_disks([a, b], rng)
+    _classifier_votes(monkeypatch, 0.45)
     res = run_method(CCSTAEMethod(fitted, device="cpu"), Dataset(data=data))
     assert res.sample[2, 1] and np.isfinite(res.A[2, 1]).all()
     np.testing.assert_allclose(res.A[2, 1], res.A[3, 1], atol=0.02)  # as its neighbour's
@@ -611,15 +588,8 @@ def test_significant_disks_make_a_crystal_position_when_none_is_clear(fitted, sc
     import functools
 
     from napari_stem_strain.methods.ccstae import infer
-    from napari_stem_strain.methods.ccstae.model import CCSTAE
 
-    predict = CCSTAE.predict
-
-    def wavering(self, x):
-        A, prob = predict(self, x)
-        return A, torch.full_like(prob, 0.45)
-
-    monkeypatch.setattr(CCSTAE, "predict", wavering)
+    _classifier_votes(monkeypatch, 0.45)
     monkeypatch.setattr(infer, "refine", functools.partial(infer.refine, count_snr=1e9))
     data = scan[0]
     res = run_method(CCSTAEMethod(fitted, device="cpu"), Dataset(data=data))
