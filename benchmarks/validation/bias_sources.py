@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import run_scored  # noqa: E402
 from render import render_case  # noqa: E402
-from validate import CASES, FOLDER  # noqa: E402
+from validate import CASES, FOLDER, fitted_model  # noqa: E402
 
 VARIANTS = {
     "case": {},
@@ -64,8 +63,7 @@ def per_grain(scored) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from napari_stem_strain.io.ground_truth import read_ground_truth
-    from napari_stem_strain.io.readers import open_dataset
-    from napari_stem_strain.methods.ccstae import CCSTAEMethod, fit_model, load_model
+    from napari_stem_strain.methods.ccstae import CCSTAEMethod
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("case", choices=[c.name for c in CASES])
@@ -76,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if not base.exists():
         render_case(case, FOLDER)
     ref = read_ground_truth(base).reference
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path = Path(tmp) / "fitted.pt"
-        with open_dataset(base) as ds:  # the model a user fits on the case itself
-            fit_model(ds, init="default", out=model_path, reference=ref, device="cpu")
-        model = load_model(model_path)
+    model = fitted_model(base, ref)  # the model a user fits on the case itself
     for name in args.variants:
         path = base
         if VARIANTS[name]:

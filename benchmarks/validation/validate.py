@@ -106,11 +106,24 @@ def bias_scatter(est: np.ndarray, truth: np.ndarray, grains: np.ndarray, sample:
     return bias_w / max(n, 1), scat / max(n, 1), worst
 
 
+def fitted_model(path: Path, reference: str | None):
+    """The CC-ST-AE model a user fits on the case itself (``fit`` from the shipped weights,
+    given the reference region), loaded. Its training record holds ``epochs_run``. The one
+    place this protocol lives: ``bias_sources.py`` maps re-rendered variants through it."""
+    from napari_stem_strain.io.readers import open_dataset
+    from napari_stem_strain.methods.ccstae import fit_model, load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / "fitted.pt"
+        with open_dataset(path) as ds:
+            fit_model(ds, init="default", out=model_path, reference=reference, device="cpu")
+        return load_model(model_path)
+
+
 def _run(m: str, path: Path, info: dict, t0: float):
     """One method on one file, as a user runs it (``fit`` then map for the CC-ST-AE)."""
     from napari_stem_strain.io.ground_truth import read_ground_truth
-    from napari_stem_strain.io.readers import open_dataset
-    from napari_stem_strain.methods.ccstae import CCSTAEMethod, fit_model, load_model
+    from napari_stem_strain.methods.ccstae import CCSTAEMethod
     from napari_stem_strain.methods.py4dstem import Py4DSTEMMethod
 
     # the reference region goes to both methods, as `stem-strain map --reference` and the
@@ -119,14 +132,10 @@ def _run(m: str, path: Path, info: dict, t0: float):
     ref = read_ground_truth(path).reference
     if m != "ae":
         return run_scored(Py4DSTEMMethod(reference=ref), path)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path = Path(tmp) / "fitted.pt"
-        with open_dataset(path) as ds:
-            fit_model(ds, init="default", out=model_path, reference=ref, device="cpu")
-        model = load_model(model_path)
-        info["fit_seconds"] = round(time.perf_counter() - t0, 1)
-        info["epochs_run"] = model.training.get("epochs_run")
-        return run_scored(CCSTAEMethod(model, device="cpu", reference=ref), path)
+    model = fitted_model(path, ref)
+    info["fit_seconds"] = round(time.perf_counter() - t0, 1)
+    info["epochs_run"] = model.training.get("epochs_run")
+    return run_scored(CCSTAEMethod(model, device="cpu", reference=ref), path)
 
 
 def score_case(path: Path, methods: list[str]) -> dict:
