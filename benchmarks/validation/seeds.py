@@ -162,13 +162,12 @@ def report(results: dict) -> str:
 
 #: Which runs the stored table holds (kept with the code, so ``--write`` keeps it).
 PROTOCOL = """Since stop 22 every method gets the case's reference region, as `stem-strain map
---reference` gives it (docs/benchmarks.md "Stop 22 ... part 2"). The CC-ST-AE's rows are stop
-23's code on every case (2026-12-07 05:58-06:14 UTC, `seeds.py CASE... --methods ae`).
-py4DSTEM's rows, whose code has not changed since: hex_detector_background and rect_dynamical
-re-run with the region on 2026-12-07 03:26-03:39 UTC, hex_lowdose_background (new in stop 23)
-at 05:44-05:57 UTC; square_psf_weak, hex_sharp_fringes_noisefree and hex_sharp_noisefree are
-stop 21's runs, made without the region (on the main seeds the region changed those cases'
-validation results by at most 1 %)."""
+--reference` gives it (docs/benchmarks.md "Stop 22 ... part 2"). Every row, both methods, is
+one run of stop 24's code (the same method code as stop 23's) on 2026-12-07 07:54-END_TIME UTC:
+`seeds.py square_psf_weak hex_sharp_fringes_noisefree hex_sharp_noisefree
+hex_detector_background rect_dynamical hex_lowdose_background`, renders made afresh. Until
+stop 24, py4DSTEM's rows of square_psf_weak and the two noise-free cases were stop 21's runs
+without the region."""
 
 
 def main(argv: list[str] | None = None) -> int:
