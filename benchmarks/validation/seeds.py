@@ -109,7 +109,7 @@ def calibration_report(results: dict) -> str:
              "seeds meet both per component.", "",
              "| case | method | per seed: exx; eyy; exy; theta | seeds meeting exx / eyy / exy "
              "/ theta |", "|---|---|---|---|"]
-    for name, by_seed in results.items():
+    for name, by_seed in sorted(results.items()):
         for m, label in (("ae", "CC-ST-AE"), ("py4dstem", "py4DSTEM")):
             cells, met = [], {k: [] for k in (*STRAIN, "theta")}
             for s in sorted(by_seed, key=int):
@@ -137,7 +137,7 @@ def report(results: dict) -> str:
              "|---|---|---|---|"]
     own = {c.name: c.seed for c in CASES}
     noise_free = {c.name for c in CASES if c.dose is None}
-    for name, by_seed in results.items():
+    for name, by_seed in sorted(results.items()):
         cells, ratios = [], {k: [] for k in (*STRAIN, "theta")}
         for s, row in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
             r = {k: _ratio(row, k) for k in ratios}
@@ -163,7 +163,7 @@ def report(results: dict) -> str:
 #: Which runs the stored table holds (kept with the code, so ``--write`` keeps it).
 PROTOCOL = """Since stop 22 every method gets the case's reference region, as `stem-strain map
 --reference` gives it (docs/benchmarks.md "Stop 22 ... part 2"). Every row, both methods, is
-one run of stop 24's code (the same method code as stop 23's) on 2026-12-07 07:54-END_TIME UTC:
+one run of stop 24's code (the same method code as stop 23's) on 2026-12-07 07:54-08:18 UTC:
 `seeds.py square_psf_weak hex_sharp_fringes_noisefree hex_sharp_noisefree
 hex_detector_background rect_dynamical hex_lowdose_background`, renders made afresh. Until
 stop 24, py4DSTEM's rows of square_psf_weak and the two noise-free cases were stop 21's runs

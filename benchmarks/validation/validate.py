@@ -172,8 +172,8 @@ def report(results: dict) -> str:
         return f"{1e3 * v:.3f}"
 
     rows, split, ratio = [], [], []
-    for name, res in results.items():
-        for m, r in res.items():
+    for name, res in sorted(results.items()):  # by case, whatever order they were scored in
+        for m, r in sorted(res.items()):
             label = "CC-ST-AE (fit)" if m == "ae" else "py4DSTEM"
             if "failed" in r:
                 rows.append([name, label, "failed:", r["failed"][:80], "", "", "0.0"])
