@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -40,6 +38,8 @@ from common import (  # noqa: E402
     write_section,  # noqa: E402
 )
 from render import Case, render_case  # noqa: E402
+
+from napari_stem_strain.strain import bias_and_scatter  # noqa: E402
 
 FOLDER = BENCH_DIR / "validation"
 COMPONENTS = ("exx", "eyy", "exy", "theta")
@@ -83,27 +83,6 @@ def generation_seconds(path: Path) -> float | None:
     with h5py.File(path, "r") as h5:
         v = h5.attrs.get("generation_seconds")
     return None if v is None else float(v)
-
-
-def bias_scatter(est: np.ndarray, truth: np.ndarray, grains: np.ndarray, sample: np.ndarray,
-                 period: float | None = None) -> tuple[float, float, float]:
-    """(mean per-grain |bias|, within-grain scatter, max per-grain |bias|) over the crystal
-    positions a method fitted. Rotation errors are wrapped into ``period`` first."""
-    from napari_stem_strain.strain import wrap_angle
-
-    err = np.asarray(est, float) - np.asarray(truth, float)
-    if period is not None:
-        err = wrap_angle(err, period)
-    ok = sample & np.isfinite(err)
-    bias_w, scat, worst, n = 0.0, 0.0, 0.0, 0
-    for g in np.unique(grains[ok]):
-        e = err[ok & (grains == g)]
-        b = float(e.mean())
-        bias_w += abs(b) * len(e)
-        scat += float(np.abs(e - b).sum())
-        worst = max(worst, abs(b))
-        n += len(e)
-    return bias_w / max(n, 1), scat / max(n, 1), worst
 
 
 def fitted_model(path: Path, reference: str | None):
@@ -156,7 +135,7 @@ def score_case(path: Path, methods: list[str]) -> dict:
         row = dict(sc.table)
         for k in COMPONENTS:
             period = t.symmetry_deg if k == "theta" else None
-            b, s, w = bias_scatter(getattr(sc.maps, k), getattr(t, k), t.grains, t.sample,
+            b, s, w = bias_and_scatter(getattr(sc.maps, k), getattr(t, k), t.grains, t.sample,
                                    period)
             row[f"{k}_bias"], row[f"{k}_scatter"], row[f"{k}_maxbias"] = b, s, w
         row["seconds"] = round(time.perf_counter() - t0, 1)

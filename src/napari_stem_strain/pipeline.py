@@ -173,6 +173,28 @@ def compare_to_truth(groups: dict[str, MethodMaps], truth: Any) -> dict[str, dic
     return table
 
 
+def bias_scatter_to_truth(groups: dict[str, MethodMaps], truth: Any
+                          ) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Per method and component, :func:`~napari_stem_strain.strain.bias_and_scatter`
+    against a :class:`GroundTruth`: ``(mean |bias|, scatter, max |bias|)`` over its grains.
+    Empty when the truth has no grain labels (files from before they were written)."""
+    from .strain import bias_and_scatter
+
+    grains = getattr(truth, "grains", None)
+    if grains is None:
+        return {}
+    table: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for name, g in groups.items():
+        if np.shape(g.maps.exx) != np.shape(truth.exx):
+            continue
+        table[name] = {
+            k: bias_and_scatter(getattr(g.maps, k), getattr(truth, k), grains, truth.sample,
+                                truth.symmetry_deg if k == "theta" else None)
+            for k in ("exx", "eyy", "exy", "theta")
+        }
+    return table
+
+
 def calibration_to_truth(groups: dict[str, MethodMaps], truth: Any
                          ) -> dict[str, dict[str, dict[str, float]]]:
     """How honest each method's error bars are against a :class:`GroundTruth` (issue 13).

@@ -216,3 +216,24 @@ def test_dask_cluster_from_settings_maps_the_same(setup, wait_task, errors, monk
     assert mapping._settings().value(mapping.DASK_KEY) == "local:1"
     # a new dock starts with the remembered address
     assert mapping.MappingWidget(viewer).dask_address.text() == "local:1"
+
+
+def test_mae_cells_split_the_error_into_grain_bias_and_scatter(setup, wait_task, toy_methods,
+                                                                errors):
+    """Each MAE cell's tooltip gives the mean per-grain |bias| and the within-grain scatter
+    (same units as the cell): whether a method's error is systematic or noise, which the MAE
+    alone does not say (docs/benchmarks.md "Bias and scatter")."""
+    from napari_stem_strain.pipeline import bias_scatter_to_truth
+
+    viewer, w = setup()
+    session = get_session(viewer)
+    wait_task(w.run())
+    assert errors() == []
+    gt = session.ground_truth.relative_to(session.reference_region(), session.sample_mask())
+    split = bias_scatter_to_truth(session.results, gt)
+    assert set(split) == {"ae", "py4dstem"}
+    for i, method in enumerate(("ae", "py4dstem")):
+        b, s, _ = split[method]["exx"]
+        tip = w.mae_table.item(i, 0).toolTip()
+        assert "bias" in tip and "scatter" in tip, tip
+        assert f"{b * 100:.3f}" in tip and f"{s * 100:.3f}" in tip, tip

@@ -257,7 +257,8 @@ class MappingWidget(QWidget):
         self.mae_note = QLabel("Mean absolute error against the file's ground truth, "
                                "re-referenced to the reference rectangle, over the positions "
                                "that are sample in both the truth and the mask "
-                               "(CONVENTIONS.md).")
+                               "(CONVENTIONS.md). Hover a cell: its per-grain bias and "
+                               "within-grain scatter.")
         self.mae_note.setWordWrap(True)
         mae_page = QWidget()
         mlay = QVBoxLayout(mae_page)
@@ -542,16 +543,35 @@ class MappingWidget(QWidget):
         gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
         return compare_to_truth(self.session.results, gt)
 
+    def bias_scatter(self) -> dict[str, dict[str, tuple[float, float, float]]]:
+        """Per method and component the MAE split into mean per-grain |bias| and
+        within-grain scatter (``pipeline.bias_scatter_to_truth``), against the same truth as
+        :meth:`mae`; ``{}`` without ground truth or its grain labels."""
+        gt = self.session.ground_truth
+        if gt is None or not self.session.results:
+            return {}
+        from ..pipeline import bias_scatter_to_truth
+
+        gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
+        return bias_scatter_to_truth(self.session.results, gt)
+
     def _fill_mae(self) -> None:
         table = self.mae()
+        split = self.bias_scatter()
         gt = self.session.ground_truth
         self.tabs.setTabEnabled(1, gt is not None)
         self.mae_table.setRowCount(len(table))
         self.mae_table.setVerticalHeaderLabels([method_label(m) for m in table])
-        for i, row in enumerate(table.values()):
+        for i, (method, row) in enumerate(table.items()):
             for j, comp in enumerate(MAP_NAMES):
-                v = row[comp] * MAP_UNITS[comp][1]
-                self.mae_table.setItem(i, j, QTableWidgetItem(f"{v:.3f}"))
+                unit, k = MAP_UNITS[comp]
+                item = QTableWidgetItem(f"{row[comp] * k:.3f}")
+                if method in split:  # systematic (same in a whole grain) against noise
+                    b, sc, worst = split[method][comp]
+                    item.setToolTip(f"mean per-grain |bias| {b * k:.3f} {unit}, within-grain "
+                                    f"scatter {sc * k:.3f} {unit} (largest grain bias "
+                                    f"{worst * k:.3f} {unit})")
+                self.mae_table.setItem(i, j, item)
 
     # ------------------------------------------------------------------- grid
     def set_grid(self, on: bool) -> None:

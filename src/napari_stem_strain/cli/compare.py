@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["register", "format_table", "format_calibration"]
+__all__ = ["register", "format_table", "format_bias_scatter", "format_calibration"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,25 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_bias_scatter(table: dict[str, dict[str, tuple[float, float, float]]]) -> str:
+    """Per method and component ``bias/scatter``: the mean per-grain |bias| and the scatter
+    about it (strain 1e-3, rotation degrees). Empty when the truth has no grain labels."""
+    if not table:
+        return ""
+    comps = ("exx", "eyy", "exy", "theta")
+    lines = ["error split by grain: mean per-grain |bias| / within-grain scatter "
+             "(strain 1e-3, theta deg)",
+             f"{'method':<10} " + " ".join(f"{c:>13}" for c in comps)]
+    for name, row in table.items():
+        cells = []
+        for c in comps:
+            b, s, _ = row[c]
+            k = 1.0 if c == "theta" else 1e3
+            cells.append(f"{b * k:.3f}/{s * k:.3f}".rjust(13))
+        lines.append(f"{name:<10} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def format_calibration(table: dict[str, dict[str, dict[str, float]]]) -> str:
     """Calibration of the error bars (issue 13): per method and component the standard
     deviation of ``(estimate - truth) / sigma`` (honest: 1) and the share within 2 sigma
@@ -56,7 +75,7 @@ def format_calibration(table: dict[str, dict[str, dict[str, float]]]) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..io.ground_truth import read_ground_truth
     from ..io.results import read_results
-    from ..pipeline import calibration_to_truth, compare_to_truth
+    from ..pipeline import bias_scatter_to_truth, calibration_to_truth, compare_to_truth
 
     groups = read_results(args.result)
     truth_path = args.truth or Path(next(iter(groups.values())).input_file or "")
@@ -76,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         groups = {k: g.with_reference(args.reference) for k, g in groups.items()}
     print(format_table(compare_to_truth(groups, truth)))
+    split = format_bias_scatter(bias_scatter_to_truth(groups, truth))  # systematic vs noise
+    if split:
+        print(split)
     calib = format_calibration(calibration_to_truth(groups, truth))  # issue 13
     if calib:
         print(calib)
