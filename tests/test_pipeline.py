@@ -113,3 +113,43 @@ def test_cli_compare_splits_each_methods_error_into_grain_bias_and_scatter(tmp_p
     assert bx == pytest.approx(1.0, abs=0.05)  # grain 0 unbiased, grain 1 by 2e-3: mean 1e-3
     assert sx == pytest.approx(0.08, abs=0.02)  # mean |N(0, 1e-4)| = 0.08e-3
     assert by < 0.03 and bxy < 0.03
+
+
+def test_cli_compare_with_another_reference_re_references_the_truth_too(tmp_path, capsys):
+    """`compare --reference R` re-references the maps to R; the truth must follow, as the
+    plugin's MAE table does, or a reference inside a strained grain adds that grain's strain
+    to every error (it printed 11.7e-3 instead of 0.4e-3 on the demo file)."""
+    import h5py
+
+    from napari_stem_strain.cli import main
+    from napari_stem_strain.io.ground_truth import GroundTruth, write_ground_truth
+    from napari_stem_strain.io.results import write_results
+    from napari_stem_strain.methods.base import MethodResult
+    from napari_stem_strain.strain import strain_maps
+
+    rng = np.random.default_rng(2)
+    shape = (30, 30)
+    grains = (np.arange(30)[None, :] >= 15) * np.ones(shape, int)
+    A_true = strain_to_A(1e-2 * grains, -5e-3 * grains, 0.0, 3.0 * grains)
+    sample = np.ones(shape, bool)
+    own = "0:15,0:15"
+    t = strain_maps(A_true, own, 60.0, sample)
+    truth_file = tmp_path / "truth.h5"
+    with h5py.File(truth_file, "w") as h5:
+        write_ground_truth(h5, GroundTruth(*(np.float32(getattr(t, k))
+                                             for k in ("exx", "eyy", "exy", "theta")),
+                                           sample, 60.0, own, grains=grains.astype(np.int32),
+                                           A=A_true.astype(np.float32)))
+    A = A_true + rng.normal(0, 1e-4, (*shape, 2, 2))
+    res = MethodResult("ae", A.astype(np.float32), sample)
+    out = tmp_path / "r.h5"
+    write_results(out, [MethodMaps.from_result(res, own, input_file=str(truth_file))])
+
+    def exx_mae(*extra):
+        assert main(["compare", str(out), *extra]) == 0
+        text = capsys.readouterr().out
+        return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("ae ")))
+
+    plain = exx_mae()
+    assert plain < 0.2  # 1e-3 units: the noise alone
+    assert exx_mae("--reference", "5:10,20:25") == pytest.approx(plain, abs=0.05)

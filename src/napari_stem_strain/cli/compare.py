@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 __all__ = ["register", "format_table", "format_bias_scatter", "format_calibration"]
@@ -94,6 +95,14 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.reference:
         groups = {k: g.with_reference(args.reference) for k, g in groups.items()}
+        # the truth follows the maps (as in the plugin's MAE table), else a region inside a
+        # strained grain adds that grain's strain to every error
+        truth = truth.relative_to(args.reference)
+        if truth.reference != args.reference:
+            print(f"note: the truth of {truth_path} could not be re-referenced to "
+                  f"{args.reference} (no true A in the file, or no sample position there); "
+                  f"the errors include that region's strain against {truth.reference}",
+                  file=sys.stderr)
     print(format_table(compare_to_truth(groups, truth)))
     split = format_bias_scatter(bias_scatter_to_truth(groups, truth))  # systematic vs noise
     if split:
