@@ -153,3 +153,42 @@ def test_cli_compare_with_another_reference_re_references_the_truth_too(tmp_path
     plain = exx_mae()
     assert plain < 0.2  # 1e-3 units: the noise alone
     assert exx_mae("--reference", "5:10,20:25") == pytest.approx(plain, abs=0.05)
+
+
+@pytest.mark.bound(90)
+def test_cli_map_with_another_reference_compares_with_the_truth_re_referenced(tiny_input,
+                                                                               tmp_path,
+                                                                               capsys):
+    """`map --reference R` on a simulated file prints the MAE against the truth re-referenced
+    to R, as `compare --reference` and the plugin do: a region inside a strained grain must
+    not add that grain's strain to every error."""
+    from napari_stem_strain.cli import main
+    from napari_stem_strain.io.ground_truth import read_ground_truth
+
+    truth = read_ground_truth(tiny_input)
+    own = truth.grains[parse_region(truth.reference)]
+    # a 2 x 2 region wholly inside another grain, the one most strained against the reference
+    best = None
+    for r in range(7):
+        for c in range(7):
+            g = truth.grains[r:r + 2, c:c + 2]
+            if (g == g[0, 0]).all() and g[0, 0] >= 0 and not (own == g[0, 0]).any():
+                size = abs(float(truth.exx[r, c]))
+                if best is None or size > best[0]:
+                    best = (size, f"{r}:{r + 2},{c}:{c + 2}")
+    assert best is not None and best[0] > 2e-3, best
+
+    out = tmp_path / "r.h5"
+    assert main(["map", str(tiny_input), "--method", "py4dstem", "--quiet", "--out", str(out),
+                 "--reference", best[1]]) == 0
+    text = capsys.readouterr().out
+    printed = float(next(ln.split()[1] for ln in text.splitlines()
+                         if ln.startswith("py4dstem ")))
+    from napari_stem_strain.io.results import read_results
+
+    groups = read_results(out)
+    assert groups["py4dstem"].reference == best[1]
+    right = compare_to_truth(groups, truth.relative_to(best[1]))["py4dstem"]["exx"] * 1e3
+    wrong = compare_to_truth(groups, truth)["py4dstem"]["exx"] * 1e3  # the file's reference
+    assert abs(wrong - right) > 1.0  # the check can tell the two apart
+    assert printed == pytest.approx(right, abs=1e-3)

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["register", "format_table", "format_bias_scatter", "format_calibration"]
+__all__ = ["register", "format_table", "format_bias_scatter", "format_calibration",
+           "print_against_truth"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,8 +77,6 @@ def format_calibration(table: dict[str, dict[str, dict[str, float]]]) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..io.ground_truth import read_ground_truth
     from ..io.results import read_results
-    from ..pipeline import bias_scatter_to_truth, calibration_to_truth, compare_to_truth
-
     groups = read_results(args.result)
     truth_path = args.truth or Path(next(iter(groups.values())).input_file or "")
     if not str(truth_path) or not truth_path.exists():
@@ -95,14 +94,28 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.reference:
         groups = {k: g.with_reference(args.reference) for k, g in groups.items()}
-        # the truth follows the maps (as in the plugin's MAE table), else a region inside a
-        # strained grain adds that grain's strain to every error
-        truth = truth.relative_to(args.reference)
-        if truth.reference != args.reference:
-            print(f"note: the truth of {truth_path} could not be re-referenced to "
-                  f"{args.reference} (no true A in the file, or no sample position there); "
-                  f"the errors include that region's strain against {truth.reference}",
-                  file=sys.stderr)
+    print_against_truth(groups, truth, truth_path)
+    return 0
+
+
+def print_against_truth(groups: dict, truth, truth_path: Path) -> None:
+    """Print the MAE table, its split into per-grain bias and scatter, and the error bars'
+    calibration of every method in ``groups`` against ``truth`` (``compare``, and ``map`` on
+    a simulated file).
+
+    The truth is first taken relative to the maps' reference region, as the plugin's MAE
+    table does: compared with the file's own reference instead, a region inside a strained
+    grain would add that grain's strain to every error.
+    """
+    from ..pipeline import bias_scatter_to_truth, calibration_to_truth, compare_to_truth
+
+    region = next(iter(groups.values())).reference if groups else None
+    if region and region != truth.reference:
+        truth = truth.relative_to(region)
+        if truth.reference != region:
+            print(f"note: the truth of {truth_path} could not be re-referenced to {region} "
+                  f"(no true A in the file, or no sample position there); the errors include "
+                  f"that region's strain against {truth.reference}", file=sys.stderr)
     print(format_table(compare_to_truth(groups, truth)))
     split = format_bias_scatter(bias_scatter_to_truth(groups, truth))  # systematic vs noise
     if split:
@@ -110,4 +123,3 @@ def run(args: argparse.Namespace) -> int:
     calib = format_calibration(calibration_to_truth(groups, truth))  # issue 13
     if calib:
         print(calib)
-    return 0

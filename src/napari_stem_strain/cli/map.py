@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.readers import open_dataset
     from ..io.results import check_not_input, check_writable, write_results
     from ..io.stamp import InputStamp
-    from ..pipeline import compare_to_truth, expand_methods, run_methods
+    from ..pipeline import expand_methods, run_methods
     from ..strain import parse_region
 
     if args.reference:
@@ -97,11 +97,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({', '.join(groups)}; reference {ref}; {n} patterns in "
           f"{seconds:.1f} s)")
     if truth is not None:
-        from ..pipeline import calibration_to_truth
-        from .compare import format_calibration, format_table
+        from .compare import print_against_truth
 
-        print(format_table(compare_to_truth(groups, truth)))
-        calib = format_calibration(calibration_to_truth(groups, truth))  # issue 13
-        if calib:
-            print(calib)
+        print_against_truth(groups, truth, args.file)
     return 0
