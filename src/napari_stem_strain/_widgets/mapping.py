@@ -448,13 +448,12 @@ class MappingWidget(QWidget):
     def residual_z(self) -> dict[str, dict[str, np.ndarray]]:
         """Per method and component, ``(estimate - truth) / sigma`` within single grains
         (issue 13); ``{}`` without ground truth or error bars."""
-        gt = self.session.ground_truth
-        if gt is None or not self.session.results:
+        gt = self._truth_for_maps()
+        if gt is None:
             return {}
         from ..strain import wrap_angle
         from ..uncertainty import interior_mask
 
-        gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
         where = interior_mask(gt.grains, gt.sample)
         out: dict[str, dict[str, np.ndarray]] = {}
         for name, m in self.session.results.items():
@@ -531,35 +530,41 @@ class MappingWidget(QWidget):
         fig.tight_layout(pad=0.6)
         self.hist_canvas.draw_idle()
 
-    def mae(self) -> dict[str, dict[str, float]]:
-        """MAE per method and component (file units) against the ground truth, or ``{}``."""
+    def _truth_for_maps(self):
+        """The file's ground truth as the maps are shown - relative to the user's rectangle,
+        over the positions sample in both the truth and the user's mask (positions painted
+        background are no method's error) - or None without truth or results."""
         gt = self.session.ground_truth
         if gt is None or not self.session.results:
+            return None
+        return gt.relative_to(self.session.reference_region(), self.session.sample_mask())
+
+    def mae(self, truth=None) -> dict[str, dict[str, float]]:
+        """MAE per method and component (file units) against the ground truth, or ``{}``.
+        ``truth``: :meth:`_truth_for_maps`, when the caller has it already."""
+        gt = truth if truth is not None else self._truth_for_maps()
+        if gt is None:
             return {}
         from ..pipeline import compare_to_truth
 
-        # the truth relative to the user's rectangle, over the user's sample mask (positions
-        # painted background are no method's error)
-        gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
         return compare_to_truth(self.session.results, gt)
 
-    def bias_scatter(self) -> dict[str, dict[str, tuple[float, float, float]]]:
+    def bias_scatter(self, truth=None) -> dict[str, dict[str, tuple[float, float, float]]]:
         """Per method and component the MAE split into mean per-grain |bias| and
         within-grain scatter (``pipeline.bias_scatter_to_truth``), against the same truth as
         :meth:`mae`; ``{}`` without ground truth or its grain labels."""
-        gt = self.session.ground_truth
-        if gt is None or not self.session.results:
+        gt = truth if truth is not None else self._truth_for_maps()
+        if gt is None:
             return {}
         from ..pipeline import bias_scatter_to_truth
 
-        gt = gt.relative_to(self.session.reference_region(), self.session.sample_mask())
         return bias_scatter_to_truth(self.session.results, gt)
 
     def _fill_mae(self) -> None:
-        table = self.mae()
-        split = self.bias_scatter()
-        gt = self.session.ground_truth
-        self.tabs.setTabEnabled(1, gt is not None)
+        truth = self._truth_for_maps()  # re-referencing maps the whole scan: once here
+        table = self.mae(truth)
+        split = self.bias_scatter(truth)
+        self.tabs.setTabEnabled(1, self.session.ground_truth is not None)
         self.mae_table.setRowCount(len(table))
         self.mae_table.setVerticalHeaderLabels([method_label(m) for m in table])
         for i, (method, row) in enumerate(table.items()):

@@ -36,47 +36,45 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def format_bias_scatter(table: dict[str, dict[str, tuple[float, float, float]]]) -> str:
-    """Per method and component ``bias/scatter``: the mean per-grain |bias| and the scatter
-    about it (strain 1e-3, rotation degrees). Empty when the truth has no grain labels."""
+def _component_table(title: str, table: dict, width: int, cell) -> str:
+    """A per-method table with one column per component (exx, eyy, exy, theta): ``title``,
+    a header, and per method ``cell(component, value)`` right-aligned in ``width``. Empty
+    for an empty ``table``."""
     if not table:
         return ""
     comps = ("exx", "eyy", "exy", "theta")
-    lines = ["error split by grain: mean per-grain |bias| / within-grain scatter "
-             "(strain 1e-3, theta deg)",
-             f"{'method':<10} " + " ".join(f"{c:>13}" for c in comps)]
+    lines = [title, f"{'method':<10} " + " ".join(f"{c:>{width}}" for c in comps)]
     for name, row in table.items():
-        cells = []
-        for c in comps:
-            b, s, _ = row[c]
-            k = 1.0 if c == "theta" else 1e3
-            cells.append(f"{b * k:.3f}/{s * k:.3f}".rjust(13))
-        lines.append(f"{name:<10} " + " ".join(cells))
+        lines.append(f"{name:<10} " + " ".join(cell(c, row[c]).rjust(width) for c in comps))
     return "\n".join(lines)
+
+
+def format_bias_scatter(table: dict[str, dict[str, tuple[float, float, float]]]) -> str:
+    """Per method and component ``bias/scatter``: the mean per-grain |bias| and the scatter
+    about it (strain 1e-3, rotation degrees). Empty when the truth has no grain labels."""
+
+    def cell(comp: str, v: tuple[float, float, float]) -> str:
+        k = 1.0 if comp == "theta" else 1e3
+        return f"{v[0] * k:.3f}/{v[1] * k:.3f}"
+
+    return _component_table("error split by grain: mean per-grain |bias| / within-grain "
+                            "scatter (strain 1e-3, theta deg)", table, 13, cell)
 
 
 def format_calibration(table: dict[str, dict[str, dict[str, float]]]) -> str:
     """Calibration of the error bars (issue 13): per method and component the standard
     deviation of ``(estimate - truth) / sigma`` (honest: 1) and the share within 2 sigma
     (honest: 95 %), within single grains. Empty when no method carries sigma maps."""
-    if not table:
-        return ""
-    comps = ("exx", "eyy", "exy", "theta")
-    lines = ["error-bar calibration within grains: std of (estimate - truth)/sigma "
-             "[share within 2 sigma]",
-             f"{'method':<10} " + " ".join(f"{c:>14}" for c in comps)]
-    for name, row in table.items():
-        cells = []
-        for c in comps:
-            r = row[c]
-            cells.append(f"{r['std_z']:.2f} [{100 * r['cover2']:.0f}%]".rjust(14))
-        lines.append(f"{name:<10} " + " ".join(cells))
-    return "\n".join(lines)
+    return _component_table(
+        "error-bar calibration within grains: std of (estimate - truth)/sigma "
+        "[share within 2 sigma]", table, 14,
+        lambda comp, r: f"{r['std_z']:.2f} [{100 * r['cover2']:.0f}%]")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..io.ground_truth import read_ground_truth
     from ..io.results import read_results
+
     groups = read_results(args.result)
     truth_path = args.truth or Path(next(iter(groups.values())).input_file or "")
     if not str(truth_path) or not truth_path.exists():
