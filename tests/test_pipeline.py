@@ -192,3 +192,31 @@ def test_cli_map_with_another_reference_compares_with_the_truth_re_referenced(ti
     wrong = compare_to_truth(groups, truth)["py4dstem"]["exx"] * 1e3  # the file's reference
     assert abs(wrong - right) > 1.0  # the check can tell the two apart
     assert printed == pytest.approx(right, abs=1e-3)
+
+
+def test_cli_compare_says_in_one_line_when_the_truth_cannot_follow_the_reference(tmp_path,
+                                                                                 capsys):
+    """A truth file without the true ``A`` (older files) cannot be re-referenced: `compare
+    --reference` still prints its tables, and one stderr line says the errors include the
+    region's strain against the file's own reference."""
+    import h5py
+
+    from napari_stem_strain.cli import main
+    from napari_stem_strain.io.ground_truth import GroundTruth, write_ground_truth
+    from napari_stem_strain.io.results import write_results
+    from napari_stem_strain.methods.base import MethodResult
+
+    shape = (10, 10)
+    z = np.zeros(shape, np.float32)
+    truth_file = tmp_path / "truth.h5"
+    with h5py.File(truth_file, "w") as h5:
+        write_ground_truth(h5, GroundTruth(z, z, z, z, np.ones(shape, bool), 60.0, "0:4,0:4"))
+    res = MethodResult("ae", strain_to_A(z, z, z, z).astype(np.float32), np.ones(shape, bool))
+    out = tmp_path / "r.h5"
+    write_results(out, [MethodMaps.from_result(res, "0:4,0:4", input_file=str(truth_file))])
+    assert main(["compare", str(out), "--reference", "5:9,5:9"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("method")
+    notes = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(notes) == 1 and "could not be re-referenced to 5:9,5:9" in notes[0], notes
+    assert "Traceback" not in captured.err
